@@ -1,0 +1,121 @@
+"""Shared benchmark runner: warm-up, median with p20/p80, one CSV row per measurement.
+
+Every bench_<op>.py uses :func:`measure` and :func:`record`. Rows go to bench/results.csv
+(or $LENGEN_RESULTS) with date, device, versions and the config as JSON.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(os.environ.get("LENGEN_RESULTS", Path(__file__).with_name("results.csv")))
+FIELDS = ["date", "device", "torch", "triton", "lengen", "op", "config", "provider",
+          "median_ms", "p20_ms", "p80_ms", "throughput", "unit", "ratio_to_peak", "note"]
+
+
+def device_name(device: str | torch.device = "cpu") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {cpu} x{os.cpu_count()}"
+
+
+def versions() -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = ""
+    try:
+        from importlib.metadata import version
+        lv = version("lengen_fast")
+    except Exception:
+        lv = "dev"
+    return {"torch": torch.__version__, "triton": tv, "lengen": lv}
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    times_ms: list
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: int = 10,
+            min_time_s: float = 0.0, max_time_s: float = 30.0) -> Timing:
+    """Run fn warmup times, then at least reps times (until min_time_s); return quantiles in ms."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start) < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_time_s and len(times) >= 3:
+            break
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Timing(statistics.median(times), q[1], q[7], times)
+
+
+def record(op: str, config: dict, provider: str, t: Timing, *, device="cpu",
+           throughput: float | None = None, unit: str = "", ratio_to_peak: float | None = None,
+           note: str = "", path: Path | None = None) -> dict:
+    """Append one measurement row to results.csv and return it."""
+    path = Path(path or RESULTS)
+    row = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": device_name(device),
+           **versions(), "op": op, "config": json.dumps(config, sort_keys=True),
+           "provider": provider, "median_ms": f"{t.median_ms:.4f}", "p20_ms": f"{t.p20_ms:.4f}",
+           "p80_ms": f"{t.p80_ms:.4f}",
+           "throughput": "" if throughput is None else f"{throughput:.4g}", "unit": unit,
+           "ratio_to_peak": "" if ratio_to_peak is None else f"{ratio_to_peak:.3f}", "note": note}
+    new = not path.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+    return row
+
+
+def print_table(rows: list[dict], baseline: str | None = None) -> None:
+    """Print rows of one config side by side with the ratio to ``baseline`` (provider name)."""
+    base = None
+    if baseline is not None:
+        for r in rows:
+            if r["provider"] == baseline:
+                base = float(r["median_ms"])
+    print(f"{'provider':<34}{'median ms':>12}{'p20':>10}{'p80':>10}{'throughput':>14}  ratio")
+    for r in rows:
+        ratio = f"{base / float(r['median_ms']):.2f}x" if base else ""
+        tp = f"{r['throughput']} {r['unit']}" if r["throughput"] else ""
+        print(f"{r['provider']:<34}{float(r['median_ms']):>12.3f}{float(r['p20_ms']):>10.3f}"
+              f"{float(r['p80_ms']):>10.3f}{tp:>14}  {ratio}")

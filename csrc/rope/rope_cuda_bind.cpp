@@ -1,0 +1,7 @@
+// pybind11 registration for the rope CUDA launchers (compiled into lengen_fast._cuda).
+#include <pybind11/pybind11.h>
+namespace py = pybind11;
+
+void register_rope_cuda(py::module_& m) {
+  (void)m;
+}

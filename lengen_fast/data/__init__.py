@@ -1,0 +1,1 @@
+"""The data pipeline: token sources, audit, decomposition, packing, curricula and the loader."""

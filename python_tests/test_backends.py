@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from lengen_fast import backends
+
+
+def test_extension_built():
+    assert backends.cpu_ext() is not None, "lengen_fast._C was not built"
+    assert backends.cpu_ext().num_threads() >= 1
+
+
+def test_reference_always_available():
+    assert backends.select("nonexistent-op", torch.device("cpu")) == "reference"
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        backends.select("rope", torch.device("cpu"), backend="bogus")
+
+
+def test_unavailable_backend_rejected():
+    with pytest.raises(ValueError, match="backend='cuda' cannot run"):
+        backends.select("rope", torch.device("cpu"), backend="cuda", supported=("cuda", "reference"))
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("LENGEN_BACKEND", "reference")
+    assert backends.select("rope", torch.device("cpu")) == "reference"
+
+
+def test_not_implemented_backend(monkeypatch):
+    with pytest.raises(ValueError, match="not implemented for op"):
+        backends.select("rope", torch.device("cpu"), backend="triton", supported=("cpu", "reference"))
