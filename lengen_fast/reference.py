@@ -1,16 +1,135 @@
 """Pure-torch references: THE SPEC for every op.
 
 Every backend is tested against these functions, and the benchmarks use them as the eager
-baseline. They favour clarity over speed and compute in fp32 (fp64 where a test needs it).
-Each op owns one section below; keep sections independent.
+baseline. They favour clarity over speed. ``upcast=True`` (default) computes in fp32 (or the
+dtype given by ``compute_dtype``); ``upcast=False`` computes in the inputs' dtype, which is
+the "eager torch in the same dtype" error baseline of flash-attn's tolerance rule:
+
+    max|kernel - ref_fp32| <= 2 * max|eager_same_dtype - ref_fp32| + atol
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+
+def doc_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64 document index per token; tokens at or past cu_seqlens[-1] get B (= no doc)."""
+    cu = cu_seqlens.to(torch.int64)
+    t = torch.arange(total, device=cu.device)
+    # number of boundaries <= t, minus one: the doc whose [cu[b], cu[b+1]) holds t (empty docs skipped)
+    return torch.searchsorted(cu, t, right=True) - 1
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) int64 position of each token inside its document (restarts at 0 per document)."""
+    cu = cu_seqlens.to(torch.int64)
+    doc = doc_ids_from_cu_seqlens(cu, total).clamp(max=cu.numel() - 2)
+    return torch.arange(total, device=cu.device) - cu[doc]
+
+
 # ============================================================================ attention
-# (section owned by the attention op: varlen_attention_ref)
+
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=True, softmax_scale=None,
+                         window_size=(-1, -1), softcap=0.0, return_lse=False, upcast=True):
+    """Document-masked attention over packed sequences, one document at a time.
+
+    q: (total_q, H, D); k, v: (total_k, H_kv, D) with H % H_kv == 0; cu_seqlens_*: (B+1,) int.
+    Semantics follow flash_attn_varlen_func:
+      * in document b, query i (0-based in the doc) may see key j when
+        j <= i + (s_k - s_q) + right  (right = 0 when causal)   and   j >= i + (s_k - s_q) - left,
+        with -1 meaning unbounded (causal masks are aligned bottom-right);
+      * scores s = (q.k) * softmax_scale, then softcap * tanh(s / softcap) when softcap > 0;
+      * a query row with no visible key outputs 0 and has lse = +inf (as flash-attn);
+      * tokens at or after cu_seqlens_q[-1] output 0 with lse = +inf.
+    Returns out (total_q, H, D) in q.dtype, and lse (H, total_q) fp32 when return_lse.
+    """
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    total_q, H, D = q.shape
+    H_kv = k.shape[1]
+    group = H // H_kv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(D)
+    left, right = window_size
+    if causal:
+        right = 0
+    cdt = torch.float32 if upcast else q.dtype
+    out = torch.zeros(total_q, H, D, dtype=cdt, device=q.device)
+    lse = torch.full((H, total_q), float("inf"), dtype=torch.float32, device=q.device)
+    cq = cu_seqlens_q.tolist()
+    ck = cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        sq, sk = q1 - q0, k1 - k0
+        if sq == 0:
+            continue
+        qd = q[q0:q1].to(cdt).transpose(0, 1)                                      # (H, sq, D)
+        kd = k[k0:k1].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)       # (H, sk, D)
+        vd = v[k0:k1].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)       # (H, sk, D)
+        s = (qd @ kd.transpose(1, 2)) * scale                                       # (H, sq, sk)
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+        j = torch.arange(sk, device=q.device)[None, :]
+        visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+        if right >= 0:
+            visible &= j <= i + right
+        if left >= 0:
+            visible &= j >= i - left
+        s = s.masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(s.float(), dim=-1)                                # (H, sq)
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)                                # empty rows -> 0
+        out[q0:q1] = (p @ vd).transpose(0, 1)
+        lse[:, q0:q1] = torch.where(torch.isfinite(row_lse), row_lse, torch.full_like(row_lse, float("inf")))
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 # ================================================================================= rope
-# (section owned by the rope op: apply_rope_ref)
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """NeoX / Hugging Face layout: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin_ref(positions, inv_freq, attention_factor=1.0, *, interleaved=False, dtype=torch.float32):
+    """The Hugging Face cos/sin cache: (T, rotary_dim) each, scaled by attention_factor.
+
+    positions: (T,) int; inv_freq: (rotary_dim // 2,). Angles are formed in ``dtype``
+    (fp32 by default; fp64 for a high-precision truth).
+    """
+    freqs = positions.to(dtype)[:, None] * inv_freq.to(dtype)[None, :]             # (T, R/2)
+    emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def apply_rope_ref(q, k, positions, inv_freq, attention_factor=1.0, *, interleaved=False, upcast=True,
+                   compute_dtype=torch.float32):
+    """Rotate q (..., T, H, D) and k (..., T, H_kv, D) by position; the spec of the rotation.
+
+    positions: (T,) or broadcastable to q.shape[:-2]; inv_freq: (rotary_dim // 2,) where
+    rotary_dim = 2 * len(inv_freq) <= D (dims past rotary_dim pass through unchanged).
+    NeoX layout rotates (x[:R/2], x[R/2:R]); interleaved (GPT-J) rotates pairs (x[2i], x[2i+1]).
+    ``upcast=True`` computes in compute_dtype; ``upcast=False`` rounds cos/sin to the input dtype
+    and rotates in it, exactly as Hugging Face's eager code does. Returns tensors in q/k dtype.
+    """
+    R = 2 * inv_freq.numel()
+
+    def rot(x):
+        pos = positions.reshape(-1) if positions.dim() == 1 else positions
+        cos, sin = rope_cos_sin_ref(pos.reshape(-1), inv_freq, attention_factor, interleaved=interleaved,
+                                    dtype=compute_dtype)
+        cos = cos.reshape(*positions.shape, 1, R)                                  # (..., T, 1, R)
+        sin = sin.reshape(*positions.shape, 1, R)
+        cdt = compute_dtype if upcast else x.dtype
+        cos, sin = cos.to(cdt), sin.to(cdt)
+        xr, xp = x[..., :R].to(cdt), x[..., R:]
+        if interleaved:
+            x2 = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            x2 = rotate_half(xr)
+        y = xr * cos + x2 * sin
+        return torch.cat((y.to(x.dtype), xp), dim=-1)
+
+    return rot(q), rot(k)
