@@ -258,6 +258,8 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"lengen_fast.patch_rope: expected one rotary embedding module with inv_freq, found "
                          f"{[type(m).__name__ for m in rotaries]} in {type(model).__name__}")
     rot = rotaries[0]
+    if getattr(rot, "_lengen_patched", False):
+        return model
     layers = [m for m in model.modules()
               if "apply_rotary_pos_emb" in getattr(getattr(type(m).forward, "__code__", None), "co_names", ())]
     if not layers:
@@ -278,26 +280,32 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
             or abs(factor - hf_factor) > 1e-5 * max(1.0, abs(hf_factor))):
         raise ValueError(f"lengen_fast.patch_rope: RoPE from the config (base={base}, scaling={scaling}) does not "
                          f"match {type(rot).__name__}'s frequencies/attention factor; leave this model unpatched")
-    # 2. rotation layout: the model's apply_rotary_pos_emb vs ours on a probe, NeoX then GPT-J layout
+    # 2. rotation layout: the model's apply_rotary_pos_emb vs ours on a probe, NeoX then GPT-J layout;
+    # 3. and the model's own cos for that layout (small positions: a bf16 inv_freq buffer is coarse)
     globals_ = {id(g): g for g in (type(m).forward.__globals__ for m in layers)}
     gen = torch.Generator().manual_seed(0)
     pos = torch.tensor([0, 1, 2, 7, 31, 100])
     q = torch.randn(1, 2, pos.numel(), head_dim, generator=gen)
     k = torch.randn(1, 1, pos.numel(), head_dim, generator=gen)
-    cos, sin = rope_cos_sin_ref(pos, inv.float(), factor)
+    with torch.no_grad():
+        hf_cos = rot(torch.zeros(1, dtype=torch.float32, device=rot.inv_freq.device),
+                     pos[None, :4].to(rot.inv_freq.device))[0][0].float().cpu()            # (4, rotary_dim)
     interleaved = None
     for g in globals_.values():
         original = getattr(g["apply_rotary_pos_emb"], "_lengen_original", g["apply_rotary_pos_emb"])
-        want_q, want_k = original(q, k, cos[None], sin[None])
+        interleaved = None
         for inter in (False, True):
-            p = _RopePositions(pos[None], base, scaling, rotary_dim, inter)
-            got_q, got_k = _fused_rope(q, k, p)
-            if torch.allclose(got_q, want_q, atol=1e-4) and torch.allclose(got_k, want_k, atol=1e-4):
+            cos, sin = rope_cos_sin_ref(pos, inv.float(), factor, interleaved=inter)
+            want_q, want_k = original(q, k, cos[None], sin[None])
+            got_q, got_k = _fused_rope(q, k, _RopePositions(pos[None], base, scaling, rotary_dim, inter))
+            if (torch.allclose(got_q, want_q, atol=1e-4) and torch.allclose(got_k, want_k, atol=1e-4)
+                    and torch.allclose(hf_cos, cos[:4], atol=5e-2)):
                 interleaved = inter
                 break
         if interleaved is None:
-            raise ValueError(f"lengen_fast.patch_rope: {g.get('__name__')}.apply_rotary_pos_emb rotates differently "
-                             "from lengen_fast.apply_rope (NeoX or GPT-J layout); leave this model unpatched")
+            raise ValueError(f"lengen_fast.patch_rope: {g.get('__name__')}.apply_rotary_pos_emb with "
+                             f"{type(rot).__name__} rotates differently from lengen_fast.apply_rope (NeoX or "
+                             "GPT-J layout); leave this model unpatched")
     for g in globals_.values():
         if not hasattr(g["apply_rotary_pos_emb"], "_lengen_original"):
             g["apply_rotary_pos_emb"] = _wrap_apply(g["apply_rotary_pos_emb"])
@@ -306,6 +314,7 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
         return _RopePositions(position_ids, base, scaling, rotary_dim, interleaved), None
 
     rot.forward = forward
+    rot._lengen_patched = True
     return model
 
 

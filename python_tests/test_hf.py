@@ -1,0 +1,363 @@
+"""Hugging Face integration: "lengen_varlen" attention, the fused-RoPE patch and PackedCollator.
+
+Tiny randomly initialised configs, no downloads. Parity follows flash-attn's rule: the error of our
+packed run against an fp64 eager run per document is at most 2x the error of eager in the same
+dtype per document, plus a small atol.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+transformers = pytest.importorskip("transformers")
+from transformers import (AutoModelForCausalLM, DataCollatorWithFlattening, Gemma2Config,  # noqa: E402
+                          GPT2Config, LlamaConfig, MistralConfig)
+
+import lengen_fast.attention  # noqa: E402
+import lengen_fast.rope  # noqa: E402
+from lengen_fast.integrations import hf  # noqa: E402
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+DOCS = (5, 11, 3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    hf.register()
+
+
+def llama_config(**kw):
+    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    return LlamaConfig(**{**base, **kw})
+
+
+def mistral_config():  # sliding window smaller than a document
+    return MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                         max_position_embeddings=128)
+
+
+def gemma2_config():  # softcap, sliding window on alternate layers, query_pre_attn_scalar scaling
+    return Gemma2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                        attn_logit_softcapping=2.0, final_logit_softcapping=None, query_pre_attn_scalar=8,
+                        max_position_embeddings=128)
+
+
+def models(config, *impls, seed=0):
+    """Same weights under each attention implementation."""
+    torch.manual_seed(seed)
+    first = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impls[0])
+    out = [first]
+    for impl in impls[1:]:
+        m = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl)
+        m.load_state_dict(first.state_dict())
+        out.append(m)
+    return out
+
+
+def rows_for(lengths, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (n,), generator=g).tolist()} for n in lengths]
+
+
+def run(model, batches):
+    """Logits (T, V) fp64 of each batch concatenated, and every parameter's grad of the summed loss."""
+    model.zero_grad(set_to_none=True)
+    logits, loss = [], 0.0
+    for kwargs, keep in batches:
+        out = model(**kwargs).logits                                              # (B, S, V)
+        keep = torch.ones(out.shape[:2], dtype=torch.bool) if keep is None else keep
+        for row in range(out.shape[0]):                                            # one document per row
+            lg, ids = out[row][keep[row]], kwargs["input_ids"][row][keep[row]]    # (n, V), (n,)
+            logits.append(lg)
+            loss = loss + torch.nn.functional.cross_entropy(lg[:-1].float(), ids[1:], reduction="sum")
+    loss.backward()
+    grads = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return torch.cat(logits).double(), grads
+
+
+def per_doc(rows):
+    return [({"input_ids": torch.tensor([r["input_ids"]])}, None) for r in rows]
+
+
+def check_rule(ours, eager, ref, atol, what):
+    scale = ref.abs().max().item()
+    err, base = (ours - ref).abs().max().item(), (eager - ref).abs().max().item()
+    assert err <= 2 * base + atol * max(scale, 1.0), f"{what}: err {err:.3g} vs eager {base:.3g} (scale {scale:.3g})"
+
+
+def run_packed(model, rows, collator):
+    model.zero_grad(set_to_none=True)
+    b = collator(rows)
+    logits = model(**b).logits[0]                                                  # (T, V)
+    labels = b["labels"][0]
+    # HF's packed loss: logits[t] predicts labels[t+1]; separator (-100) at every document start
+    loss = torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=-100, reduction="sum")
+    loss.backward()
+    grads = {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.double(), grads
+
+
+def parity(ours, eager, rows, dtype, our_fn):
+    ref = copy.deepcopy(eager).double()
+    eager, ours = eager.to(dtype), ours.to(dtype)
+    ref_l, ref_g = run(ref, per_doc(rows))
+    eag_l, eag_g = run(eager, per_doc(rows))
+    our_l, our_g = our_fn(ours)
+    check_rule(our_l, eag_l, ref_l, ATOL[dtype], "logits")
+    assert our_g.keys() == ref_g.keys()
+    for name in ref_g:
+        check_rule(our_g[name], eag_g[name], ref_g[name], ATOL[dtype], f"grad {name}")
+
+
+# ================================================================================ parity
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parity_packed_cu_seq_lens(dtype):
+    rows = rows_for(DOCS)
+    ours, eager = models(llama_config(), "lengen_varlen", "eager")
+    parity(ours, eager, rows, dtype, lambda m: run_packed(m, rows, hf.PackedCollator()))
+
+
+def test_parity_packed_position_ids_only():
+    """DataCollatorWithFlattening without flash kwargs: documents found from restarting position_ids."""
+    rows = rows_for(DOCS)
+    ours, eager = models(llama_config(), "lengen_varlen", "eager")
+    parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, DataCollatorWithFlattening()))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_parity_padded_rows(side):
+    """One sequence per row with a padding attention_mask; pad outputs are zero."""
+    rows = rows_for(DOCS)
+    L = max(DOCS)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        sl = slice(0, n) if side == "right" else slice(L - n, L)
+        ids[i, sl], mask[i, sl] = torch.tensor(r["input_ids"]), 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ours, eager = models(llama_config(), "lengen_varlen", "eager")
+    keep = mask.bool()
+    parity(ours, eager, rows, torch.float32,
+           lambda m: run(m, [({"input_ids": ids, "attention_mask": mask, "position_ids": pos}, keep)]))
+
+
+@pytest.mark.parametrize("config", [mistral_config, gemma2_config], ids=["mistral-window-mqa", "gemma2-softcap"])
+def test_parity_window_softcap_scaling(config):
+    rows = rows_for(DOCS)
+    ours, eager = models(config(), "lengen_varlen", "eager")
+    parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, hf.PackedCollator()))
+
+
+def test_parity_fused_rope_patch(monkeypatch):
+    calls = []
+    apply_rope = lengen_fast.rope.apply_rope
+    monkeypatch.setattr(lengen_fast.rope, "apply_rope", lambda *a, **k: calls.append(1) or apply_rope(*a, **k))
+    rows = rows_for(DOCS)
+    ours, eager = models(llama_config(num_hidden_layers=2), "lengen_varlen", "eager")
+    hf.patch_rope(ours)
+    n_probe = len(calls)
+    parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, hf.PackedCollator()))
+    assert len(calls) - n_probe == 2  # one fused call per layer
+    # an unpatched model of the same class in the same process still uses the original rotation
+    plain, eager2 = models(llama_config(), "eager", "eager", seed=3)
+    assert torch.equal(plain(input_ids=torch.tensor([rows[1]["input_ids"]])).logits,
+                       eager2(input_ids=torch.tensor([rows[1]["input_ids"]])).logits)
+    assert len(calls) - n_probe == 2
+
+
+def test_generate_left_padded_matches_eager():
+    """Cache decoding: S_q != S_k, per-row documents aligned bottom-right with the valid keys."""
+    ours, eager = models(llama_config(), "lengen_varlen", "eager")
+    ids = torch.tensor([[0, 0, 0, 5, 17, 9, 33], [4, 8, 15, 16, 23, 42, 7]])
+    mask = (torch.arange(7) >= torch.tensor([[3], [0]])).long()
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+# ================================================================================ trainer
+
+def test_trainer_run_with_collator(tmp_path, monkeypatch):
+    from transformers import Trainer, TrainingArguments
+
+    pytest.importorskip("accelerate")
+    seen = []
+    varlen = lengen_fast.attention.varlen_attention
+
+    def spy(q, k, v, cu_q, *a, **kw):
+        seen.append(cu_q.numel() - 1)
+        return varlen(q, k, v, cu_q, *a, **kw)
+
+    monkeypatch.setattr(lengen_fast.attention, "varlen_attention", spy)
+    (model,) = models(llama_config(), "lengen_varlen")
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 97, (int(n),), generator=g).tolist()}
+            for n in torch.randint(4, 17, (24,), generator=g)]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_steps=1, learning_rate=1e-3,
+                             disable_tqdm=True, dataloader_num_workers=0)
+    result = Trainer(model=model, args=args, train_dataset=data, data_collator=hf.PackedCollator()).train()
+    assert result.global_step == 3 and np.isfinite(result.training_loss)
+    assert seen and set(seen) == {4}  # 4 documents per packed batch, from cu_seq_lens
+
+
+# =============================================================================== collator
+
+def _equal(ours: dict, theirs: dict):
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        a, b = ours[key], theirs[key]
+        assert type(a) is type(b), key
+        if isinstance(b, (torch.Tensor, np.ndarray)):
+            assert a.dtype == b.dtype and a.shape == b.shape and (a == b).all(), key
+        else:
+            assert a == b, key
+
+
+OPTIONS = [dict(return_flash_attn_kwargs=True), dict(), dict(return_seq_idx=True, position_ids_start=2),
+           dict(separator_id=-1, return_position_ids=False), dict(return_tensors="np", return_flash_attn_kwargs=True)]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_collator_matches_hf(opts):
+    g = np.random.default_rng(0)
+    rows = [{"input_ids": g.integers(0, 97, n).tolist()} for n in (3, 1, 7)]
+    rows[1]["input_ids"] = torch.tensor(rows[1]["input_ids"])                       # tensors and arrays too
+    rows[2]["input_ids"] = np.asarray(rows[2]["input_ids"])
+    ours = hf.PackedCollator(**{"return_flash_attn_kwargs": False, **opts})
+    _equal(ours(rows), DataCollatorWithFlattening(**opts)(rows))
+    labelled = [{"input_ids": r["input_ids"], "labels": [-100 if j < 2 else int(x) for j, x in enumerate(r["input_ids"])]} for r in rows]
+    _equal(ours(labelled), DataCollatorWithFlattening(**opts)(labelled))
+
+
+def test_collator_defaults_add_flash_kwargs():
+    rows = rows_for((4, 2))
+    _equal(hf.PackedCollator()(rows), DataCollatorWithFlattening(return_flash_attn_kwargs=True)(rows))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 50), min_size=1, max_size=20), min_size=1, max_size=6), st.booleans())
+def test_collator_fuzz(docs, with_labels):
+    rows = [{"input_ids": d, **({"labels": [x if x % 3 else -100 for x in d]} if with_labels else {})} for d in docs]
+    _equal(hf.PackedCollator()(rows), DataCollatorWithFlattening(return_flash_attn_kwargs=True)(rows))
+
+
+def pipeline_batch(docs, pad=0, ignore=-100):
+    """Our loader's layout: flat input_ids, next-token labels with ignore_index across documents."""
+    ids = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs] + [np.zeros(pad, dtype=np.int64)])
+    cu = np.concatenate(([0], np.cumsum([len(d) for d in docs]))).astype(np.int32)
+    labels = np.full(ids.size, ignore, dtype=np.int64)
+    for a, b in zip(cu[:-1], cu[1:]):
+        labels[a:b - 1] = ids[a + 1:b]
+    pos = np.concatenate([np.arange(len(d)) for d in docs] + [np.zeros(pad, dtype=np.int64)])
+    lens = [len(d) for d in docs]
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels), "cu_seqlens": torch.from_numpy(cu),
+            "position_ids": torch.from_numpy(pos), "max_seqlen": max(lens), "seq_len": ids.size}
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["batch", "list-of-one"])
+def test_collator_pipeline_batch(wrap):
+    docs = [[5, 6, 7], [], [8], [9, 10, 11, 12]]  # a zero-length document and 2 padding tokens
+    batch = pipeline_batch(docs, pad=2)
+    want = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([{"input_ids": d} for d in docs if d])
+    _equal(hf.PackedCollator()([batch] if wrap else batch), want)
+
+
+BAD_COLLATE = [
+    ([], ValueError, "non-empty"),
+    ([{"ids": [1]}], ValueError, "mapping with 'input_ids'"),
+    ([{"input_ids": []}], ValueError, r"features\[0\]\['input_ids'\] is empty"),
+    ([{"input_ids": [1], "labels": [1]}, {"input_ids": [2]}], ValueError, "lacks 'labels'"),
+    ([{"input_ids": [1, 2], "labels": [1]}], ValueError, "1 labels for 2 input_ids"),
+    ([{"input_ids": [1.5, 2.0]}], TypeError, "must hold integers"),
+    ({"input_ids": [1, 2, 3], "cu_seqlens": [0, 2, 5]}, ValueError, "cu_seqlens.*end at or"),
+    ({"input_ids": [1, 2, 3], "cu_seqlens": [1, 3]}, ValueError, "cu_seqlens.*start at 0"),
+    ({"input_ids": [1, 2, 3], "cu_seqlens": [0, 0]}, ValueError, "holds no tokens"),
+    ({"input_ids": [1, 2, 3], "cu_seqlens": [0, 3], "labels": [1]}, ValueError, "1 labels for 3"),
+]
+
+
+@pytest.mark.parametrize("features,exc,match", BAD_COLLATE)
+def test_collator_bad_input(features, exc, match):
+    with pytest.raises(exc, match=match):
+        hf.PackedCollator()(features)
+
+
+def test_collator_bad_return_tensors():
+    with pytest.raises(ValueError, match="return_tensors"):
+        hf.PackedCollator(return_tensors="tf")(rows_for((2,)))
+
+
+# ============================================================================== bad input
+
+def test_register_without_transformers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install lengen_fast\[hf\]"):
+        hf.register()
+    with pytest.raises(ImportError, match=r"pip install lengen_fast\[hf\]"):
+        hf.patch_rope(torch.nn.Linear(2, 2))
+
+
+def _qkv(B=1, H=4, H_kv=2, S=6, D=8):
+    return torch.randn(B, H, S, D), torch.randn(B, H_kv, S, D), torch.randn(B, H_kv, S, D)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+BAD_ATTN = [
+    (dict(attention_mask=torch.zeros(1, 1, 6, 6)), "2-D padding attention_mask"),
+    (dict(dropout=0.1), "attention dropout"),
+    (dict(s_aux=torch.zeros(4)), "attention sinks"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1]])), "contiguous run"),
+    (dict(attention_mask=torch.ones(1, 6, dtype=torch.long), cu_seq_lens_q=torch.tensor([0, 6], dtype=torch.int32)),
+     "both a padding attention_mask and cu_seq_lens"),
+    (dict(attention_mask=torch.ones(2, 6, dtype=torch.long)), "does not match"),
+    (dict(position_ids=torch.zeros(3, 1, 6, dtype=torch.long)), "M-RoPE"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_ATTN, ids=[m for _, m in BAD_ATTN])
+def test_attention_bad_layout(kwargs, match):
+    q, k, v = _qkv()
+    mask = kwargs.pop("attention_mask", None)
+    with pytest.raises(ValueError, match=match):
+        hf.lengen_attention_forward(_Module(), q, k, v, mask, **kwargs)
+
+
+def test_attention_bad_heads():
+    q, k, v = _qkv(H=4, H_kv=3)
+    with pytest.raises(ValueError, match="not a multiple of 3"):
+        hf.lengen_attention_forward(_Module(), q, k, v, None)
+
+
+def test_model_with_4d_mask_or_dropout_raises():
+    (model,) = models(llama_config(attention_dropout=0.1), "lengen_varlen")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="2-D padding attention_mask"):
+        model.eval()(input_ids=ids, attention_mask=torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="attention dropout"):
+        model.train()(input_ids=ids)
+
+
+def test_patch_rope_unsupported_models():
+    (gpt2,) = models(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, n_positions=64), "eager")
+    with pytest.raises(ValueError, match="one rotary embedding"):
+        hf.patch_rope(gpt2)
+    (llama,) = models(llama_config(), "eager")
+    llama.model.rotary_emb.inv_freq.mul_(1.5)  # the model no longer rotates as its config says
+    if hasattr(llama.model.rotary_emb, "original_inv_freq"):
+        llama.model.rotary_emb.original_inv_freq.mul_(1.5)
+    with pytest.raises(ValueError, match="does not match"):
+        hf.patch_rope(llama)
