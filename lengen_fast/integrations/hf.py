@@ -36,7 +36,7 @@ def _transformers():
     except ImportError as e:
         raise ImportError(f"lengen_fast.integrations.hf needs Hugging Face transformers: {_INSTALL}") from e
     try:
-        from transformers import AttentionInterface
+        from transformers.modeling_utils import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
     except ImportError as e:
         raise ImportError(f"lengen_fast.integrations.hf needs transformers>=4.53 (found "
