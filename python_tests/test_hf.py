@@ -163,22 +163,33 @@ def test_parity_window_softcap_scaling(config):
     parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, hf.PackedCollator()))
 
 
+def cohere_config():  # GPT-J (interleaved) rotary layout
+    from transformers import CohereConfig
+
+    return CohereConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
 @needs_hf
-def test_parity_fused_rope_patch(monkeypatch):
+@pytest.mark.parametrize("config,interleaved", [(llama_config, False), (cohere_config, True)],
+                         ids=["llama-neox", "cohere-gptj"])
+def test_parity_fused_rope_patch(monkeypatch, config, interleaved):
     calls = []
     apply_rope = lengen_fast.rope.apply_rope
-    monkeypatch.setattr(lengen_fast.rope, "apply_rope", lambda *a, **k: calls.append(1) or apply_rope(*a, **k))
+    monkeypatch.setattr(lengen_fast.rope, "apply_rope",
+                        lambda *a, **k: calls.append(k["interleaved"]) or apply_rope(*a, **k))
     rows = rows_for(DOCS)
-    ours, eager = models(llama_config(num_hidden_layers=2), "lengen_varlen", "eager")
+    ours, eager = models(config(), "lengen_varlen", "eager")
     hf.patch_rope(ours)
     n_probe = len(calls)
     parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, hf.PackedCollator()))
-    assert len(calls) - n_probe == 2  # one fused call per layer
+    assert calls[n_probe:] == [interleaved] * 2  # one fused call per layer, in the model's layout
     # an unpatched model of the same class in the same process still uses the original rotation
-    plain, eager2 = models(llama_config(), "eager", "eager", seed=3)
-    assert torch.equal(plain(input_ids=torch.tensor([rows[1]["input_ids"]])).logits,
-                       eager2(input_ids=torch.tensor([rows[1]["input_ids"]])).logits)
-    assert len(calls) - n_probe == 2
+    plain, eager2 = models(config(), "eager", "eager", seed=3)
+    ids = torch.tensor([rows[1]["input_ids"]])
+    assert torch.equal(plain(input_ids=ids).logits, eager2(input_ids=ids).logits)
+    assert len(calls) == n_probe + 2
 
 
 @needs_hf
