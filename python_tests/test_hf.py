@@ -192,6 +192,28 @@ def test_parity_fused_rope_patch(monkeypatch, config, interleaved):
     assert len(calls) == n_probe + 2
 
 
+SCALED = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+@needs_hf
+@pytest.mark.parametrize("kind", sorted(SCALED))
+def test_parity_fused_rope_patch_scaled(kind):
+    """The model's own rope config (v5 rope_parameters) goes through RopeScaling.from_hf."""
+    if not hasattr(lengen_fast.rope.RopeScaling, "from_hf"):
+        pytest.skip("RopeScaling.from_hf arrives with the rope op")
+    rows = rows_for(DOCS)
+    cfg = llama_config(rope_parameters={"rope_theta": 500.0, **SCALED[kind]})
+    ours, eager = models(cfg, "lengen_varlen", "eager")
+    assert ours.model.rotary_emb.rope_type == kind
+    hf.patch_rope(ours)
+    parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, hf.PackedCollator()))
+
+
 @needs_hf
 def test_generate_left_padded_matches_eager():
     """Cache decoding: S_q != S_k, per-row documents aligned bottom-right with the valid keys."""
