@@ -317,9 +317,27 @@ def test_collator_pipeline_batch(wrap):
     _equal(hf.PackedCollator()([batch] if wrap else batch), want)
 
 
+@needs_hf
+def test_collator_packed_loader_batch():
+    """A real lengen_fast.data.PackedLoader batch: pieces become documents, padding is dropped."""
+    data = pytest.importorskip("lengen_fast.data")
+    if not hasattr(data, "PackedLoader"):
+        pytest.skip("lengen_fast.data.PackedLoader arrives with the data pipeline")
+    loader = data.PackedLoader(data.synthetic_source(40, "uniform", mean=24, vocab_size=97),
+                               data.LoaderConfig(strategy="pack", tokens_per_batch=256, max_len=64, min_len=8,
+                                                 prefetch=0))
+    batch = next(iter(loader))
+    cu = batch.cu_seqlens.tolist()
+    pieces = [{"input_ids": batch.input_ids[a:b].tolist()} for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    got = hf.PackedCollator()(batch)
+    _equal(got, DataCollatorWithFlattening(return_flash_attn_kwargs=True)(pieces))
+    assert torch.equal(got["position_ids"][0], batch.position_ids[:cu[-1]])
+
+
 BAD_COLLATE = [
     ([], ValueError, "non-empty"),
     ([{"ids": [1]}], ValueError, "mapping with 'input_ids'"),
+    ([[1, 2, 3]], ValueError, "mapping with 'input_ids'"),
     ([{"input_ids": []}], ValueError, r"features\[0\]\['input_ids'\] is empty"),
     ([{"input_ids": [1], "labels": [1]}, {"input_ids": [2]}], ValueError, "lacks 'labels'"),
     ([{"input_ids": [1, 2], "labels": [1]}], ValueError, "1 labels for 2 input_ids"),

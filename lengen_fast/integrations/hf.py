@@ -330,6 +330,15 @@ def _ints(x, what: str) -> np.ndarray:
     return a.reshape(-1).astype(np.int64, copy=False)
 
 
+def _pipeline_fields(obj) -> dict | None:
+    """input_ids / labels / cu_seqlens of one of our pipeline's batches (a data.Batch or a mapping), else None."""
+    if isinstance(obj, Mapping):
+        return dict(obj) if "cu_seqlens" in obj else None
+    if hasattr(obj, "cu_seqlens") and hasattr(obj, "input_ids"):
+        return {"input_ids": obj.input_ids, "labels": getattr(obj, "labels", None), "cu_seqlens": obj.cu_seqlens}
+    return None
+
+
 @dataclass
 class PackedCollator:
     """Flattens rows (HF dataset dicts with ``input_ids`` and optional ``labels``) or one of our
@@ -340,8 +349,8 @@ class PackedCollator:
     Output: ``input_ids``, ``labels`` (``separator_id`` at each document's first token),
     ``position_ids`` (restarting at ``position_ids_start``): (1, T) int64; ``seq_idx`` (1, T) int32
     when asked; ``cu_seq_lens_q/k`` (n+1,) int32 and ``max_length_q/k`` python ints.
-    A pipeline batch (a mapping with ``input_ids`` (T,) or (B, S), ``cu_seqlens`` and next-token
-    ``labels``) yields what DataCollatorWithFlattening would yield on its documents; zero-length
+    A pipeline batch (``lengen_fast.data.Batch``, or a mapping with ``input_ids`` (T,) or (B, S),
+    ``cu_seqlens`` and next-token ``labels``), alone or as a list of one, yields what DataCollatorWithFlattening would yield on its documents; zero-length
     documents and tokens after ``cu_seqlens[-1]`` are dropped.
     """
 
@@ -357,12 +366,13 @@ class PackedCollator:
         separator_id = self.separator_id if separator_id is None else separator_id
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"PackedCollator: return_tensors must be 'pt' or 'np', got {return_tensors!r}")
-        if isinstance(features, Mapping):
+        if not isinstance(features, Sequence) or isinstance(features, (str, bytes)):
             features = [features]
-        if not isinstance(features, Sequence) or len(features) == 0:
+        if len(features) == 0:
             raise ValueError("PackedCollator: features must be a non-empty list of rows or a pipeline batch")
-        if len(features) == 1 and isinstance(features[0], Mapping) and "cu_seqlens" in features[0]:
-            ids, labels, lengths = self._from_pipeline(features[0])
+        pipeline = _pipeline_fields(features[0]) if len(features) == 1 else None
+        if pipeline is not None:
+            ids, labels, lengths = self._from_pipeline(pipeline)
         else:
             ids, labels, lengths = self._from_rows(features)
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
@@ -388,8 +398,8 @@ class PackedCollator:
         has_labels = isinstance(features[0], Mapping) and "labels" in features[0]
         for i, row in enumerate(features):
             if not isinstance(row, Mapping) or "input_ids" not in row:
-                raise ValueError(f"PackedCollator: features[{i}] must be a mapping with 'input_ids', got "
-                                 f"{type(row).__name__}")
+                raise ValueError(f"PackedCollator: features[{i}] must be a mapping with 'input_ids' (or the only "
+                                 f"item a pipeline batch), got {type(row).__name__}")
             if ("labels" in row) != has_labels:
                 raise ValueError(f"PackedCollator: features[{i}] {'lacks' if has_labels else 'has'} 'labels' "
                                  "unlike features[0]; give labels for all rows or none")
