@@ -161,6 +161,12 @@ def lengen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                              "packed batches carry no padding mask")
         cu_q = cu_k if cu_q is None else cu_q
         cu_k = cu_q if cu_k is None else cu_k
+        if cu_q.dim() != 1 or cu_q.numel() < 2 or cu_k.shape != cu_q.shape:
+            # e.g. accelerate's dispatch_batches slicing every tensor to the (1, T) batch's first row
+            raise ValueError(f"lengen_varlen: cu_seq_lens_q {tuple(cu_q.shape)} / cu_seq_lens_k {tuple(cu_k.shape)} "
+                             "must be equal-length 1-D (n_docs + 1,) tensors with at least one document; with an "
+                             "IterableDataset under HF Trainer set TrainingArguments(accelerator_config="
+                             "{'dispatch_batches': False}) so the packed batch is not sliced")
         max_q = _as_int(kwargs.get("max_length_q"))
         max_k = _as_int(kwargs.get("max_length_k"))
     elif attention_mask is not None:
