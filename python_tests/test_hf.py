@@ -387,7 +387,7 @@ def _flat(x):  # (B, H, S, D) -> (B*S, H, D)
     return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4), min_size=1, max_size=3), st.integers(0, 3))
 def test_position_ids_layouts(rows_docs, window):
     """Restarting position_ids (rows of several documents, single-token documents) == cu_seqlens."""
@@ -402,7 +402,7 @@ def test_position_ids_layouts(rows_docs, window):
     torch.testing.assert_close(out.reshape(-1, 4, 8), want, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5)), min_size=1, max_size=3), st.integers(0, 2))
 def test_padding_mask_layouts(pads, extra):
     """Left/right/both-sided padding, fully padded rows; decoding (S_q < S_k) aligns bottom-right."""
