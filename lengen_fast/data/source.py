@@ -169,14 +169,16 @@ def gather_ref(src: TokenSource, doc, start, length, cu, ids, labels, pos, ignor
     bad = -1
     for p in range(doc.shape[0]):
         o, n = int(cu[p]), int(length[p])
+        if n == 0:
+            continue
         t = src.tokens(int(doc[p]))[start[p]:start[p] + n].astype(np.int64)
-        if bad < 0 and n and (t.min() < 0 or (src.vocab_size and t.max() >= src.vocab_size)):
+        if bad < 0 and (t.min() < 0 or (src.vocab_size and t.max() >= src.vocab_size)):
             bad = p
         ids[o:o + n] = t
         pos[o:o + n] = np.arange(n)
         labels[o:o + n] = ignore_index
         labels[o:o + n - 1] = t[1:]
-        if src.has_loss_mask and n:
+        if src.has_loss_mask:
             m = src.loss_mask(int(doc[p]))[start[p]:start[p] + n]
             labels[o:o + n - 1][m[1:] == 0] = ignore_index
     tail = int(cu[-1])
