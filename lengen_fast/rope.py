@@ -411,6 +411,13 @@ def _frequencies(head_dim, base, scaling, rotary_dim, seq_len, device) -> tuple[
     return hit
 
 
+@torch.compiler.assume_constant_result
+def _select(device_type: str, kernel_dtype: bool, backend: Optional[str]) -> str:
+    """backends.select for this op; a trace-time constant under torch.compile (it reads env and imports)."""
+    supported = tuple(_IMPLS) if kernel_dtype else ("reference",)
+    return backends.select("rope", torch.device(device_type), backend, supported=supported)
+
+
 def _check_inputs(q, k, cu_seqlens, position_ids, position_offset, scaling):
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, Tensor):
@@ -475,8 +482,7 @@ def apply_rope(q: Tensor, k: Tensor, *, cu_seqlens: Optional[Tensor] = None, pos
         else:
             seq_len = q.shape[-3] + position_offset
     inv_freq, af = _frequencies(head_dim, base, scaling, rotary_dim, seq_len, q.device)
-    supported = _IMPLS.keys() if q.dtype in _KERNEL_DTYPES else ("reference",)
-    name = backends.select("rope", q.device, backend, supported=supported)
+    name = _select(q.device.type, q.dtype in _KERNEL_DTYPES, backend)
     cu = cu_seqlens.to(torch.int32).contiguous() if cu_seqlens is not None else None
     pos = None
     if position_ids is not None:

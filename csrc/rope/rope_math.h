@@ -1,13 +1,14 @@
 // Shared by the CPU and CUDA rope kernels: fp32 sincos of position * inv_freq without a cache,
 // accurate for positions up to ~16M, and the document search over cu_seqlens.
 #pragma once
+
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
 #define LF_HD __host__ __device__ __forceinline__
 #else
 #define LF_HD inline
-#include <cmath>
 #endif
 
 namespace lf {
