@@ -490,3 +490,21 @@ def test_gpu_strided_batched_and_grads(backend):
     qr = q.float().requires_grad_()
     apply_rope(qr, kg.detach(), position_ids=pid, backend="reference")[0].mul(g).sum().backward()
     torch.testing.assert_close(qg.grad, qr.grad, rtol=0, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor():
+    dev = torch.device("cuda")
+    cu = torch.tensor([0, 300, 1000, 4096], dtype=torch.int32, device=dev)
+    s = RopeScaling("dynamic", 2.0, 512)
+
+    def f(q, k):
+        qo, ko = apply_rope(q, k, cu_seqlens=cu, scaling=s)
+        return qo.float().sum() + ko.float().square().sum()
+
+    q = torch.randn(4096, 8, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(4096, 2, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    got = torch.compile(f, fullgraph=True)(q, k)
+    torch.testing.assert_close(got, f(q, k))
+    got.backward()
+    assert q.grad is not None and k.grad is not None

@@ -78,6 +78,18 @@ inline void rotate_head(const typename Ty::T* x, typename Ty::T* y, int64_t sd, 
     for (int64_t d = 2 * half; d < D; ++d) y[d * so] = x[d * si];
 }
 
+// c[i], s[i] = af * (cos, sin)(p * inv_freq[i]) for the R/2 pairs of one token (vectorized).
+inline void sincos_row(float p, const float* __restrict inv_freq, float af, int64_t half, float* __restrict c,
+                       float* __restrict s) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    float sn, cn;
+    rope::sincos_pf(p, inv_freq[i], &sn, &cn);
+    c[i] = cn * af;
+    s[i] = sn * af;
+  }
+}
+
 template <class Ty, bool INTERLEAVED, bool UNIT>
 void run(const Args& a) {
   using T = typename Ty::T;
@@ -92,18 +104,12 @@ void run(const Args& a) {
     std::vector<float> cs(2 * half);
     float* c = cs.data();
     float* s = cs.data() + half;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 32)  // dynamic: robust to a descheduled thread on shared CPUs
     for (int64_t t = 0; t < n_tok; ++t) {
       const int64_t b = t / a.S, si = t % a.S;
       const float p = static_cast<float>(
           rope::position(a.pos_mode, b, si, a.pos, a.psb, a.pss, a.cu, a.n_seq, a.offset));
-#pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        float sn, cn;
-        rope::sincos_pf(p, a.inv_freq[i], &sn, &cn);
-        c[i] = cn * a.af;
-        s[i] = sn * a.af;
-      }
+      sincos_row(p, a.inv_freq, a.af, half, c, s);
       for (int64_t h = 0; h < a.Hq; ++h)
         rotate_head<Ty, INTERLEAVED, UNIT>(q + b * a.qs.b + si * a.qs.s + h * a.qs.h,
                                            qo + b * a.qos.b + si * a.qos.s + h * a.qos.h, a.qs.d, a.qos.d, half,
