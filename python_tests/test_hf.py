@@ -224,6 +224,22 @@ def test_generate_left_padded_matches_eager():
     assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
 
 
+@needs_hf
+def test_compile_fullgraph_no_graph_break():
+    """Packed kwargs and restarting position_ids trace with no graph break (fused RoPE patched too)."""
+    try:
+        torch.ops.lengen.varlen_attention_fwd
+    except (AttributeError, RuntimeError):
+        pytest.skip("the lengen::varlen_attention_fwd custom op arrives with the attention op")
+    (model,) = models(llama_config(num_hidden_layers=1), "lengen_varlen")
+    hf.patch_rope(model)
+    b = hf.PackedCollator()(rows_for(DOCS))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    for kw in ({k: v for k, v in b.items() if k != "labels"},
+               {"input_ids": b["input_ids"], "position_ids": b["position_ids"]}):
+        torch.testing.assert_close(compiled(**kw).logits, model(**kw).logits)
+
+
 # ================================================================================ trainer
 
 @needs_hf
