@@ -171,9 +171,16 @@ def cohere_config():  # GPT-J (interleaved) rotary layout
                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def phi_config():  # partial rotary (half the head), q split before apply_rotary_pos_emb
+    from transformers import PhiConfig
+
+    return PhiConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     partial_rotary_factor=0.5, max_position_embeddings=128)
+
+
 @needs_hf
-@pytest.mark.parametrize("config,interleaved", [(llama_config, False), (cohere_config, True)],
-                         ids=["llama-neox", "cohere-gptj"])
+@pytest.mark.parametrize("config,interleaved", [(llama_config, False), (cohere_config, True), (phi_config, False)],
+                         ids=["llama-neox", "cohere-gptj", "phi-partial"])
 def test_parity_fused_rope_patch(monkeypatch, config, interleaved):
     calls = []
     apply_rope = lengen_fast.rope.apply_rope

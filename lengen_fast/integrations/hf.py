@@ -159,8 +159,8 @@ def lengen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         if attention_mask is not None:
             raise ValueError("lengen_varlen: got both a padding attention_mask and cu_seq_lens_*; "
                              "packed batches carry no padding mask")
-        cu_q = cu_k if cu_q is None else cu_q
-        cu_k = cu_q if cu_k is None else cu_k
+        cu_q = (cu_k if cu_q is None else cu_q).to(q.device, non_blocking=True)
+        cu_k = (cu_q if cu_k is None else cu_k).to(q.device, non_blocking=True)
         if cu_q.dim() != 1 or cu_q.numel() < 2 or cu_k.shape != cu_q.shape:
             # e.g. accelerate's dispatch_batches slicing every tensor to the (1, T) batch's first row
             raise ValueError(f"lengen_varlen: cu_seq_lens_q {tuple(cu_q.shape)} / cu_seq_lens_k {tuple(cu_k.shape)} "
@@ -302,11 +302,19 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
         interleaved = None
         for inter in (False, True):
             cos, sin = rope_cos_sin_ref(pos, inv.float(), factor, interleaved=inter)
-            want_q, want_k = original(q, k, cos[None], sin[None])
-            got_q, got_k = _fused_rope(q, k, _RopePositions(pos[None], base, scaling, rotary_dim, inter))
-            if (torch.allclose(got_q, want_q, atol=1e-4) and torch.allclose(got_k, want_k, atol=1e-4)
-                    and torch.allclose(hf_cos, cos[:4], atol=5e-2)):
-                interleaved = inter
+            # the full head, or only the rotary part for models (Phi) whose attention splits q before the call
+            for width in dict.fromkeys((head_dim, rotary_dim)):
+                try:
+                    want_q, want_k = original(q[..., :width], k[..., :width], cos[None], sin[None])
+                except RuntimeError:
+                    continue
+                got_q, got_k = _fused_rope(q[..., :width], k[..., :width],
+                                           _RopePositions(pos[None], base, scaling, rotary_dim, inter))
+                if (torch.allclose(got_q, want_q, atol=1e-4) and torch.allclose(got_k, want_k, atol=1e-4)
+                        and torch.allclose(hf_cos, cos[:4], atol=5e-2)):
+                    interleaved = inter
+                    break
+            if interleaved is not None:
                 break
         if interleaved is None:
             raise ValueError(f"lengen_fast.patch_rope: {g.get('__name__')}.apply_rotary_pos_emb with "
