@@ -200,7 +200,6 @@ def test_parity_fused_rope_patch(monkeypatch, config, interleaved):
 
 
 SCALED = {
-    "linear": {"rope_type": "linear", "factor": 2.0},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
