@@ -392,6 +392,22 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close((qc.grad, kc.grad), (qe.grad, ke.grad))
 
 
+def test_torch_compile_fullgraph_inplace():
+    def f(q, k):
+        qo, ko = apply_rope(q * 1, k * 1, inplace=True, interleaved=True)  # in place on non-leaf tensors
+        return qo.sum() + ko.square().sum()
+
+    q, k = rand_qk(8, 2, 1, 16, torch.float32)
+    qc, kc = q.clone().requires_grad_(), k.clone().requires_grad_()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(qc, kc)
+    got.backward()
+    qe, ke = q.clone().requires_grad_(), k.clone().requires_grad_()
+    want = f(qe, ke)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close((qc.grad, kc.grad), (qe.grad, ke.grad))
+
+
 COMPILE_FOR_SM90 = r"""
 import inspect, itertools, triton
 from triton.backends.compiler import GPUTarget
