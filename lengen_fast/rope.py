@@ -6,7 +6,6 @@ initialisation for every kind); ``reference.apply_rope_ref`` is the spec of the 
 (no cos/sin cache) and find each token's position inside its document by a binary search over
 cu_seqlens, one token per work item.
 """
-from __future__ import annotations
 
 import math
 from dataclasses import dataclass
