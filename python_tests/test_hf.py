@@ -320,7 +320,8 @@ def test_collator_matches_hf(opts):
     rows[2]["input_ids"] = np.asarray(rows[2]["input_ids"])
     ours = hf.PackedCollator(**{"return_flash_attn_kwargs": False, **opts})
     _equal(ours(rows), DataCollatorWithFlattening(**opts)(rows))
-    labelled = [{"input_ids": r["input_ids"], "labels": [-100 if j < 2 else int(x) for j, x in enumerate(r["input_ids"])]} for r in rows]
+    labelled = [{"input_ids": r["input_ids"],
+                 "labels": [-100 if j < 2 else int(x) for j, x in enumerate(r["input_ids"])]} for r in rows]
     _equal(ours(labelled), DataCollatorWithFlattening(**opts)(labelled))
 
 

@@ -364,8 +364,9 @@ class PackedCollator:
     ``position_ids`` (restarting at ``position_ids_start``): (1, T) int64; ``seq_idx`` (1, T) int32
     when asked; ``cu_seq_lens_q/k`` (n+1,) int32 and ``max_length_q/k`` python ints.
     A pipeline batch (``lengen_fast.data.Batch``, or a mapping with ``input_ids`` (T,) or (B, S),
-    ``cu_seqlens`` and next-token ``labels``), alone or as a list of one, yields what DataCollatorWithFlattening would yield on its documents; zero-length
-    documents and tokens after ``cu_seqlens[-1]`` are dropped.
+    ``cu_seqlens`` and next-token ``labels``), alone or as a list of one, yields what
+    DataCollatorWithFlattening would yield on its documents; zero-length documents and tokens after
+    ``cu_seqlens[-1]`` are dropped.
     """
 
     return_position_ids: bool = True
