@@ -141,10 +141,13 @@ class TokenSource:
             raise ValueError("gather: doc index out of range")
         if doc.size and ((start < 0).any() or (start + length > self.lengths[doc]).any()):
             raise ValueError("gather: a piece (start, length) runs past the end of its document")
-        pin = pin_memory and torch.cuda.is_available()
-        ids = torch.empty(total, dtype=torch.int64, pin_memory=pin)
-        labels = torch.empty(total, dtype=torch.int64, pin_memory=pin)
-        pos = torch.empty(total, dtype=torch.int64, pin_memory=pin)
+        if pin_memory and torch.cuda.is_available():  # torch's caching pinned-host allocator
+            ids, labels, pos = (torch.empty(total, dtype=torch.int64, pin_memory=True) for _ in range(3))
+        else:
+            # One (3, total) allocation: numpy maps big arrays fresh with transparent huge pages,
+            # so the page faults of new output memory (which otherwise dominate batch assembly,
+            # as glibc trims and re-faults 4 KiB heap pages) cost a few 2 MiB faults.
+            ids, labels, pos = torch.from_numpy(np.empty((3, total), dtype=np.int64)).unbind(0)
         impl = backends.select("data", torch.device("cpu"), backend, supported=("cpu", "reference"))
         if impl == "cpu":
             bad = backends.cpu_ext().data_gather(
