@@ -123,12 +123,13 @@ class TokenSource:
     # -- batch assembly -------------------------------------------------------------------
     def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray, total: int, *,
                ignore_index: int = -100, pad_id: int = 0, pin_memory: bool = False,
-               backend: str | None = None):
+               backend: str | None = None, out: np.ndarray | None = None):
         """Copy pieces (doc, start, length) back to back into flat (total,) int64 tensors.
 
         Returns (input_ids, labels, position_ids, cu_seqlens int64 numpy). labels[t] is the next
         token inside the same piece, else ignore_index (piece ends, padding, and tokens whose
         loss mask is 0). Positions restart at 0 in every piece. [cu[-1], total) is padding.
+        ``out``: an optional (3, total) int64 array to write into (ids, labels, positions).
         """
         doc = np.ascontiguousarray(doc, dtype=np.int64)
         start = np.ascontiguousarray(start, dtype=np.int64)
@@ -141,7 +142,11 @@ class TokenSource:
             raise ValueError("gather: doc index out of range")
         if doc.size and ((start < 0).any() or (start + length > self.lengths[doc]).any()):
             raise ValueError("gather: a piece (start, length) runs past the end of its document")
-        if pin_memory and torch.cuda.is_available():  # torch's caching pinned-host allocator
+        if out is not None:
+            if out.shape != (3, total) or out.dtype != np.int64 or not out.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous (3, {total}) int64 array")
+            ids, labels, pos = torch.from_numpy(out).unbind(0)
+        elif pin_memory and torch.cuda.is_available():  # torch's caching pinned-host allocator
             ids, labels, pos = (torch.empty(total, dtype=torch.int64, pin_memory=True) for _ in range(3))
         else:
             # One (3, total) allocation: numpy maps big arrays fresh with transparent huge pages,
