@@ -36,14 +36,14 @@ class TokenSource:
     """
 
     def __init__(self, chunks: list, column: str, mask_chunks: list | None = None,
-                 indices: np.ndarray | None = None, vocab_size: int | None = None, owner=None):
+                 indices: np.ndarray | None = None, vocab_size: int | None = None, owner=None,
+                 value_type: pa.DataType = pa.int32()):
         self.column = column
         self.vocab_size = vocab_size
         self._owner = owner  # keeps a memory map / table alive
         self._values: list[np.ndarray] = []
         self._mask_values: list[np.ndarray] = []
         lengths, addrs, chunk_ids, mask_addrs = [], [], [], []
-        value_type = chunks[0].type.value_type if chunks else pa.int32()
         self._tok_code = _TOKEN_TYPES[value_type]
         self.dtype = np.dtype(value_type.to_pandas_dtype())
         row = 0
@@ -315,4 +315,4 @@ def open_tokens(source, column: str = "input_ids", *, loss_mask_column: str | No
                 doc += sum(len(x) for x in chunks[:ci])
                 what = "is negative" if bad_val < 0 else f"is >= vocab_size={vocab_size}"
                 raise ValueError(f"column {column!r}: token {bad_val} in document {doc} {what}")
-    return TokenSource(chunks, column, mask_chunks, indices, vocab_size, owner)
+    return TokenSource(chunks, column, mask_chunks, indices, vocab_size, owner, col.type.value_type)
