@@ -159,10 +159,9 @@ def test_epochs_differ_and_prefetch_matches(src):
 
 def _pieces_seen(loader):
     per_step = []
-    for e in range(1):
-        for s in range(len(loader)):
-            b, seq_len, doc, start, length, _ = loader.pieces(e, s)
-            per_step.append((seq_len, list(zip(doc.tolist(), start.tolist(), length.tolist()))))
+    for s in range(len(loader)):  # epoch 0
+        b, seq_len, doc, start, length, _ = loader.pieces(0, s)
+        per_step.append((seq_len, list(zip(doc.tolist(), start.tolist(), length.tolist()))))
     return per_step
 
 
