@@ -1,0 +1,153 @@
+"""Tile scheduling and config choice shared by the varlen attention kernels (forward and backward).
+
+A kernel works on tiles of one document: BLOCK rows of queries (forward, dq) or keys (dk/dv).
+The grid cannot depend on values inside cu_seqlens (that would need a host sync), so it is sized
+from shapes alone: ``n_slots = cdiv(T, BLOCK) + B + 1`` tile slots bound
+``sum_b cdiv(s_b, BLOCK) + cdiv(tail, BLOCK)``. On the device, documents are sorted heaviest first
+and ``prefix[i]`` counts the tiles of the first i sorted documents; a program finds its document
+with a binary search over ``prefix`` (:func:`tile_lookup`). Slots past ``prefix[B]`` cover the
+tail tokens at/after ``cu_seqlens[-1]`` (their outputs are zeroed); the remaining slots exit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpret
+
+
+@dataclass(frozen=True)
+class TileSchedule:
+    prefix: torch.Tensor   # (B+1,) int32: tiles of the sorted documents before position i
+    order: torch.Tensor    # (max(B,1),) int32: document index at sorted position i, heaviest first
+    n_slots: int           # grid size in tiles (host-known upper bound)
+
+
+def tile_schedule(cu_tiles: torch.Tensor, cu_weight: torch.Tensor, block: int, total: int) -> TileSchedule:
+    """Tiles of BLOCK tokens over the documents of ``cu_tiles`` (B+1,), documents sorted by
+    decreasing length in ``cu_weight`` (the other side's lengths: the cost of one tile).
+
+    Device-side torch ops only: no host sync, so the result can feed a launch under CUDA graphs.
+    """
+    B = cu_tiles.numel() - 1
+    lens = cu_tiles[1:] - cu_tiles[:-1]                                               # (B,)
+    ntiles = torch.div(lens + (block - 1), block, rounding_mode="floor")
+    weight = cu_weight[1:] - cu_weight[:-1]
+    order = torch.argsort(weight, descending=True, stable=True)
+    prefix = torch.zeros(B + 1, dtype=torch.int32, device=cu_tiles.device)
+    torch.cumsum(ntiles[order], 0, out=prefix[1:])
+    if B == 0:
+        order = torch.zeros(1, dtype=torch.int64, device=cu_tiles.device)
+    return TileSchedule(prefix, order.to(torch.int32), triton.cdiv(total, block) + B + 1)
+
+
+@triton.jit
+def tile_lookup(PREFIX, ORDER, slot, B):
+    """Map a tile slot (< PREFIX[B]) to (document, tile index inside it, tiles in the document)."""
+    lo = slot * 0
+    hi = lo + B
+    # invariant: PREFIX[lo] <= slot < PREFIX[hi]; empty documents are skipped automatically
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        go = tl.load(PREFIX + mid) <= slot
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    first = tl.load(PREFIX + lo)
+    n = tl.load(PREFIX + lo + 1) - first
+    doc = tl.load(ORDER + lo)
+    return doc, slot - first, n
+
+
+@triton.jit
+def tanh_f32(x):
+    # exp-based so that it runs in the interpreter as on GPU; saturates to +-1 without NaN
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+# ------------------------------------------------------------------------------ configs
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int      # query rows per tile
+    block_n: int      # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# One fixed small config in the interpreter keeps tests fast and exercises multi-tile paths.
+# Tests may replace entries to try other tile shapes.
+INTERPRET_CONFIGS: dict[str, KernelConfig] = {
+    "fwd": KernelConfig(16, 16, 4, 1),
+    "bwd_dkdv": KernelConfig(16, 16, 4, 1),
+    "bwd_dq": KernelConfig(16, 16, 4, 1),
+}
+
+K = KernelConfig
+# GPU candidates per kernel, by padded head dim. fp16/bf16 use the tensor cores with fp32
+# accumulation; fp32 inputs use IEEE dots (exact like eager fp32) and smaller tiles.
+_GPU_CONFIGS: dict[str, dict[int, list[KernelConfig]]] = {
+    "fwd": {
+        64: [K(128, 64, 4, 3), K(128, 128, 8, 3), K(128, 64, 4, 4), K(64, 64, 4, 3)],
+        128: [K(128, 64, 8, 3), K(128, 128, 8, 3), K(128, 64, 4, 3), K(64, 64, 4, 3)],
+        256: [K(128, 64, 8, 2), K(64, 64, 4, 2), K(64, 32, 4, 2)],
+    },
+    # dk/dv: a key tile stays in registers while query tiles stream past (small BLOCK_M)
+    "bwd_dkdv": {
+        64: [K(32, 128, 4, 3), K(64, 128, 8, 3), K(64, 64, 4, 3), K(32, 64, 4, 3)],
+        128: [K(32, 128, 4, 3), K(64, 128, 8, 3), K(64, 64, 4, 3), K(32, 64, 4, 2)],
+        256: [K(32, 64, 4, 2), K(64, 64, 8, 2), K(32, 32, 4, 2)],
+    },
+    # dq: a query tile stays in registers while key tiles stream past (small BLOCK_N)
+    "bwd_dq": {
+        64: [K(128, 32, 4, 3), K(128, 64, 8, 3), K(64, 64, 4, 3), K(64, 32, 4, 3)],
+        128: [K(128, 32, 4, 3), K(128, 64, 8, 3), K(64, 64, 4, 3), K(64, 32, 4, 2)],
+        256: [K(64, 32, 4, 2), K(64, 64, 8, 2), K(32, 32, 4, 2)],
+    },
+}
+_FP32_CONFIGS = [K(64, 32, 4, 2), K(32, 32, 4, 2), K(32, 64, 4, 2)]
+del K
+
+
+def candidate_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[KernelConfig]:
+    if triton_interpret():
+        return [INTERPRET_CONFIGS[kernel]]
+    if dtype == torch.float32:
+        return list(_FP32_CONFIGS)
+    by_d = _GPU_CONFIGS[kernel]
+    return by_d[min(d for d in by_d if d >= block_d)] if block_d <= 256 else by_d[256]
+
+
+_BEST: dict[tuple, KernelConfig] = {}
+
+
+def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[KernelConfig], None]) -> KernelConfig:
+    """Autotune once per key (head dim, mask kind, softcap, dtype, device): time each config's
+    launch and keep the fastest. ``launch`` must be idempotent (the kernels only write outputs)."""
+    if len(configs) == 1:
+        return configs[0]
+    best = _BEST.get(key)
+    if best is None:
+        from triton.runtime.errors import OutOfResources
+        times = []
+        for cfg in configs:
+            try:
+                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25))
+            except OutOfResources:
+                times.append(math.inf)
+        best = configs[min(range(len(configs)), key=times.__getitem__)]
+        _BEST[key] = best
+    return best
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact IEEE products, so errors match eager fp32 (tf32 would be 1e-3 off)
+    return "ieee" if dtype == torch.float32 else "tf32"
