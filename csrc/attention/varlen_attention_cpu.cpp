@@ -97,9 +97,10 @@ void mm_nt_cols(int ncols, const float* A, int lda, const float* Bt, float* C, i
   }
 }
 
-// O[r][d0 + c] += sum_{j<J} P[r][j] * V[j][d0 + c] for r < R (R % 4 == 0), c < VW * NV.
+// O[r][d0 + c] += sum_{j<J} PT[j][r] * V[j][d0 + c] for r < R (R % 4 == 0), c < VW * NV. P arrives transposed
+// (J, LDT), so the 4 scalars broadcast per step are adjacent.
 template <int NV>
-void mm_nn_acc_block(const float* P, const float* V, int ldv, float* O, int ldo, int R, int J, int d0) {
+void mm_tn_acc_block(const float* PT, const float* V, int ldv, float* O, int ldo, int R, int J, int d0) {
   for (int r = 0; r < R; r += 4) {
     vf acc[4][NV];
     for (int i = 0; i < 4; ++i)
@@ -108,7 +109,7 @@ void mm_nn_acc_block(const float* P, const float* V, int ldv, float* O, int ldo,
       vf b[NV];
       for (int v = 0; v < NV; ++v) b[v] = vload(V + j * ldv + d0 + VW * v);
       for (int i = 0; i < 4; ++i) {
-        const float s = P[(r + i) * LDT + j];
+        const float s = PT[j * LDT + r + i];
         for (int v = 0; v < NV; ++v) acc[i][v] += s * b[v];
       }
     }
@@ -117,14 +118,14 @@ void mm_nn_acc_block(const float* P, const float* V, int ldv, float* O, int ldo,
   }
 }
 
-// O (R, Dp) += P (R, J; leading dim LDT) @ V (J, Dp).
-void mm_nn_acc(const float* P, const float* V, float* O, int Dp, int R, int J) {
+// O (R, Dp) += PT^T @ V with PT (J, R; leading dim LDT), V (J, Dp).
+void mm_tn_acc(const float* PT, const float* V, float* O, int Dp, int R, int J) {
   for (int d0 = 0; d0 < Dp; d0 += 4 * VW) {
     switch (std::min(4, (Dp - d0) / VW)) {
-      case 1: mm_nn_acc_block<1>(P, V, Dp, O, Dp, R, J, d0); break;
-      case 2: mm_nn_acc_block<2>(P, V, Dp, O, Dp, R, J, d0); break;
-      case 3: mm_nn_acc_block<3>(P, V, Dp, O, Dp, R, J, d0); break;
-      default: mm_nn_acc_block<4>(P, V, Dp, O, Dp, R, J, d0); break;
+      case 1: mm_tn_acc_block<1>(PT, V, Dp, O, Dp, R, J, d0); break;
+      case 2: mm_tn_acc_block<2>(PT, V, Dp, O, Dp, R, J, d0); break;
+      case 3: mm_tn_acc_block<3>(PT, V, Dp, O, Dp, R, J, d0); break;
+      default: mm_tn_acc_block<4>(PT, V, Dp, O, Dp, R, J, d0); break;
     }
   }
 }
@@ -274,9 +275,14 @@ void load_rows(const In& x, int dtype, int64_t t0, int64_t h, int n, int D, int 
   std::fill(dst + static_cast<int64_t>(n) * Dp, dst + static_cast<int64_t>(round4(n)) * Dp, 0.0f);
 }
 
-// Rows [t0, t0 + n) of head h into dst (Dp, LDT) transposed, times mul (rows D..Dp stay zero from allocation).
-void load_cols(const In& x, int dtype, int64_t t0, int64_t h, int n, int D, float mul, float* dst) {
-  for (int c = 0; c < n; ++c) load_vec(x.ptr, dtype, x.off(t0 + c, h), x.s.s2, D, mul, dst + c, LDT);
+// dst (Dp, LDT) = src^T for src (n, Dp) row-major; columns n..round16(n) zeroed (rows D..Dp stay zero).
+void transpose(const float* src, int n, int D, int Dp, float* dst) {
+  const int n16 = (n + VW - 1) / VW * VW;
+  for (int d = 0; d < D; ++d) {
+    float* out = dst + d * LDT;
+    for (int c = 0; c < n; ++c) out[c] = src[c * Dp + d];
+    for (int c = n; c < n16; ++c) out[c] = 0.0f;
+  }
 }
 
 struct Scratch {
@@ -301,6 +307,8 @@ inline void softcap_row(float* s, int n, float cap, float* t) {
 }  // namespace
 
 // ================================================================================================= forward
+// Per (doc, head, q tile): S^T = K Q^T per key tile (keys as rows, queries as columns), so the online softmax runs
+// down the columns with the row statistics m, l held as vectors over the queries, and Q^T is built once per unit.
 
 void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Strides3 sk, const void* v, Strides3 sv,
              void* out, float* lse) {
@@ -318,53 +326,73 @@ void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Stride
 
 #pragma omp parallel
   {
-    Scratch sc(static_cast<size_t>(BQ) * Dp * 2 + static_cast<size_t>(BK) * Dp + Dp * LDT + BQ * LDT * 2 + 2 * BQ);
-    float* Qs = sc.take(BQ * Dp);   // (BQ, Dp) q * scale
+    Scratch sc(static_cast<size_t>(BQ) * Dp * 2 + static_cast<size_t>(BK) * Dp * 2 + Dp * LDT + BK * LDT * 2 +
+               5 * LDT);
+    float* Qr = sc.take(BQ * Dp);   // (BQ, Dp) q * scale
     float* O = sc.take(BQ * Dp);    // (BQ, Dp) accumulator
+    float* Kr = sc.take(BK * Dp);   // (BK, Dp) keys
     float* Vr = sc.take(BK * Dp);   // (BK, Dp) values
-    float* Kt = sc.take(Dp * LDT);  // (Dp, BK) keys, transposed
-    float* S = sc.take(BQ * LDT);   // (BQ, BK) scores, then probabilities
-    float* T = sc.take(BQ * LDT);   // (BQ, BK) tanh(s / cap) scratch
-    float* m = sc.take(BQ);
-    float* l = sc.take(BQ);
+    float* Qt = sc.take(Dp * LDT);  // (Dp, BQ) q * scale, transposed
+    float* ST = sc.take(BK * LDT);  // (BK, BQ) scores, then probabilities
+    float* T = sc.take(BK * LDT);   // (BK, BQ) tanh(s / cap) scratch
+    float* m = sc.take(LDT);        // (BQ,) running max
+    float* l = sc.take(LDT);        // (BQ,) running sum
+    float* base = sc.take(LDT);
+    float* alpha = sc.take(LDT);
+    float* mx = sc.take(LDT);
 
 #pragma omp for schedule(dynamic, 1)
     for (size_t ui = 0; ui < units.size(); ++ui) {
       const Unit& u = units[ui];
       const Doc& d = docs[u.doc];
       const int64_t h = u.head, hk = h / group, i0 = static_cast<int64_t>(u.tile) * BQ;
-      const int nq = static_cast<int>(std::min<int64_t>(BQ, d.sq - i0)), R = round4(nq);
-      load_rows(Q, p.dtype, d.q0 + i0, h, nq, D, Dp, p.scale, Qs);
+      const int nq = static_cast<int>(std::min<int64_t>(BQ, d.sq - i0)), R = round4(nq), nqv = (nq + VW - 1) / VW;
+      load_rows(Q, p.dtype, d.q0 + i0, h, nq, D, Dp, p.scale, Qr);
+      transpose(Qr, nq, D, Dp, Qt);
       std::fill(O, O + static_cast<int64_t>(R) * Dp, 0.0f);
-      std::fill(m, m + BQ, -kInf);
-      std::fill(l, l + BQ, 0.0f);
+      std::fill(m, m + LDT, -kInf);
+      std::fill(l, l + LDT, 0.0f);
       const int64_t kmin = d.lo(i0), kmax = d.hi(i0 + nq - 1);
       for (int64_t j0 = kmin / BK * BK; kmin <= kmax && j0 <= kmax; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, d.sk - j0));
-        load_cols(K, p.dtype, d.k0 + j0, hk, nk, D, 1.0f, Kt);
+        load_rows(K, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Kr);
         load_rows(V, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Vr);
-        mm_nt_cols(nk, Qs, Dp, Kt, S, R, D);
+        mm_nt_cols(nq, Kr, Dp, Qt, ST, round4(nk), D);
         const bool full = d.lo(i0 + nq - 1) <= j0 && d.hi(i0) >= j0 + nk - 1;
-        for (int r = 0; r < nq; ++r) {
-          float* s = S + r * LDT;
-          if (cap > 0) softcap_row(s, nk, cap, T + r * LDT);
+        for (int r = 0; r < nk; ++r) {
+          float* s = ST + r * LDT;
+          if (cap > 0) softcap_row(s, nq, cap, T + r * LDT);
           if (!full)
-            for (int c = 0; c < nk; ++c)
-              if (!d.visible(i0 + r, j0 + c)) s[c] = -kInf;
-          float mx = -kInf;
-          for (int c = 0; c < nk; ++c) mx = std::max(mx, s[c]);
-          const float mnew = std::max(m[r], mx);
-          const float base = mnew == -kInf ? 0.0f : mnew;
-          const float alpha = std::exp(m[r] - base);
-          for (int c = 0; c < nk; c += VW) vstore(s + c, vexp(vload(s + c) - splat(base)));
-          float sum = 0.0f;
-          for (int c = 0; c < nk; ++c) sum += s[c];
-          l[r] = l[r] * alpha + sum;
-          m[r] = mnew;
-          if (alpha != 1.0f)
-            for (int c = 0; c < Dp; ++c) O[r * Dp + c] *= alpha;
+            for (int c = 0; c < nq; ++c)
+              if (!d.visible(i0 + c, j0 + r)) s[c] = -kInf;
         }
-        mm_nn_acc(S, Vr, O, Dp, R, nk);
+        for (int c = 0; c < nqv * VW; c += VW) {
+          vf cmax = vload(ST + c);
+          for (int r = 1; r < nk; ++r) {
+            const vf x = vload(ST + r * LDT + c);
+            cmax = x > cmax ? x : cmax;
+          }
+          const vf mo = vload(m + c);
+          const vf mn = cmax > mo ? cmax : mo;
+          const vf b = mn == splat(-kInf) ? splat(0.0f) : mn;  // all masked so far: exp(-inf - 0) = 0
+          vstore(m + c, mn);
+          vstore(base + c, b);
+          vstore(alpha + c, vexp(mo - b));
+          vstore(mx + c, vf{});
+        }
+        for (int r = 0; r < nk; ++r) {
+          float* s = ST + r * LDT;
+          for (int c = 0; c < nqv * VW; c += VW) {
+            const vf e = vexp(vload(s + c) - vload(base + c));
+            vstore(s + c, e);
+            vstore(mx + c, vload(mx + c) + e);
+          }
+        }
+        for (int c = 0; c < nqv * VW; c += VW) vstore(l + c, vload(l + c) * vload(alpha + c) + vload(mx + c));
+        for (int c = 0; c < nq; ++c)
+          if (alpha[c] != 1.0f)
+            for (int e = 0; e < Dp; ++e) O[c * Dp + e] *= alpha[c];
+        mm_tn_acc(ST, Vr, O, Dp, R, nk);
       }
       for (int r = 0; r < nq; ++r) {
         const int64_t t = d.q0 + i0 + r;
@@ -377,6 +405,10 @@ void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Stride
 }
 
 // ================================================================================================ backward
+// Pass 1, per (doc, head, q tile): delta = rowsum(dO * O) and dq = scale * sum_j dS K, with S^T and dP^T built
+// against Q^T and dO^T (transposed once per unit). Pass 2, per (doc, kv head, key tile): dk, dv summed over the
+// group's query heads and the visible q tiles, with S and dP built against K^T and V^T (transposed once per unit).
+// With softcap, s = cap * tanh(s_raw / cap) and dS_raw = dS * (1 - tanh^2).
 
 void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, Strides3 sq, const void* k,
               Strides3 sk, const void* v, Strides3 sv, const void* out, Strides3 so, const float* lse, float* delta,
@@ -391,23 +423,24 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
   zero_rows(dk, p.dtype, p.B > 0 ? p.cu_k[p.B] : 0, p.Tk, Hkv * D);
   zero_rows(dv, p.dtype, p.B > 0 ? p.cu_k[p.B] : 0, p.Tk, Hkv * D);
 
-  // ---- pass 1: delta = rowsum(dO * O) and dq, per (doc, head, q tile)
+  // ---- pass 1: delta and dq
   const std::vector<Unit> qu = q_units(docs, H);
 #pragma omp parallel
   {
-    Scratch sc(static_cast<size_t>(BQ) * Dp * 3 + static_cast<size_t>(BK) * Dp + 2 * Dp * LDT + BQ * LDT * 3 +
-               4 * BQ + Dp);
-    float* Qs = sc.take(BQ * Dp);    // (BQ, Dp) q * scale
+    Scratch sc(static_cast<size_t>(BQ) * Dp * 3 + static_cast<size_t>(BK) * Dp * 2 + 2 * Dp * LDT + BK * LDT * 3 +
+               2 * LDT + Dp);
+    float* Qr = sc.take(BQ * Dp);    // (BQ, Dp) q * scale
     float* dOr = sc.take(BQ * Dp);   // (BQ, Dp) dout
     float* dQ = sc.take(BQ * Dp);    // (BQ, Dp) accumulator
     float* Kr = sc.take(BK * Dp);    // (BK, Dp) keys
-    float* Kt = sc.take(Dp * LDT);   // (Dp, BK) keys, transposed
-    float* Vt = sc.take(Dp * LDT);   // (Dp, BK) values, transposed
-    float* S = sc.take(BQ * LDT);    // (BQ, BK) scores -> dS
-    float* dP = sc.take(BQ * LDT);   // (BQ, BK) dO V^T
-    float* T = sc.take(BQ * LDT);    // (BQ, BK) tanh(s / cap)
-    float* L = sc.take(BQ);
-    float* Dl = sc.take(BQ);
+    float* Vr = sc.take(BK * Dp);    // (BK, Dp) values
+    float* Qt = sc.take(Dp * LDT);   // (Dp, BQ) q * scale, transposed
+    float* dOt = sc.take(Dp * LDT);  // (Dp, BQ) dout, transposed
+    float* ST = sc.take(BK * LDT);   // (BK, BQ) S^T -> dS^T
+    float* dPT = sc.take(BK * LDT);  // (BK, BQ) V dO^T
+    float* T = sc.take(BK * LDT);    // (BK, BQ) tanh(s / cap)
+    float* L = sc.take(LDT);         // (BQ,) lse
+    float* Dl = sc.take(LDT);        // (BQ,) delta
     float* orow = sc.take(Dp);
 
 #pragma omp for schedule(dynamic, 1)
@@ -416,9 +449,13 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
       const Doc& d = docs[u.doc];
       const int64_t h = u.head, hk = h / group, i0 = static_cast<int64_t>(u.tile) * BQ;
       const int nq = static_cast<int>(std::min<int64_t>(BQ, d.sq - i0)), R = round4(nq);
-      load_rows(Q, p.dtype, d.q0 + i0, h, nq, D, Dp, p.scale, Qs);
+      load_rows(Q, p.dtype, d.q0 + i0, h, nq, D, Dp, p.scale, Qr);
       load_rows(dO, p.dtype, d.q0 + i0, h, nq, D, Dp, 1.0f, dOr);
+      transpose(Qr, nq, D, Dp, Qt);
+      transpose(dOr, nq, D, Dp, dOt);
       std::fill(dQ, dQ + static_cast<int64_t>(R) * Dp, 0.0f);
+      std::fill(L, L + LDT, kInf);
+      std::fill(Dl, Dl + LDT, 0.0f);
       for (int r = 0; r < nq; ++r) {
         const int64_t t = d.q0 + i0 + r;
         load_vec(Out.ptr, p.dtype, Out.off(t, h), Out.s.s2, D, 1.0f, orow, 1);
@@ -432,21 +469,20 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
       for (int64_t j0 = kmin / BK * BK; kmin <= kmax && j0 <= kmax; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, d.sk - j0));
         load_rows(K, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Kr);
-        load_cols(K, p.dtype, d.k0 + j0, hk, nk, D, 1.0f, Kt);
-        load_cols(V, p.dtype, d.k0 + j0, hk, nk, D, 1.0f, Vt);
-        mm_nt_cols(nk, Qs, Dp, Kt, S, R, D);
-        mm_nt_cols(nk, dOr, Dp, Vt, dP, R, D);
+        load_rows(V, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Vr);
+        mm_nt_cols(nq, Kr, Dp, Qt, ST, round4(nk), D);
+        mm_nt_cols(nq, Vr, Dp, dOt, dPT, round4(nk), D);
         const bool full = d.lo(i0 + nq - 1) <= j0 && d.hi(i0) >= j0 + nk - 1;
-        for (int r = 0; r < nq; ++r) {
-          float* s = S + r * LDT;
+        for (int r = 0; r < nk; ++r) {
+          float* s = ST + r * LDT;
           float* t = T + r * LDT;
-          if (cap > 0) softcap_row(s, nk, cap, t);
+          if (cap > 0) softcap_row(s, nq, cap, t);
           if (!full)
-            for (int c = 0; c < nk; ++c)
-              if (!d.visible(i0 + r, j0 + c)) s[c] = -kInf;
-          for (int c = 0; c < nk; c += VW) {
-            const vf pr = vexp(vload(s + c) - splat(L[r]));  // lse = +inf (empty row) -> 0
-            vf ds = pr * (vload(dP + r * LDT + c) - splat(Dl[r]));
+            for (int c = 0; c < nq; ++c)
+              if (!d.visible(i0 + c, j0 + r)) s[c] = -kInf;
+          for (int c = 0; c < nq; c += VW) {
+            const vf pr = vexp(vload(s + c) - vload(L + c));  // lse = +inf (empty row) -> 0
+            vf ds = pr * (vload(dPT + r * LDT + c) - vload(Dl + c));
             if (cap > 0) {
               const vf th = vload(t + c);
               ds = ds * (splat(1.0f) - th * th);
@@ -454,31 +490,28 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
             vstore(s + c, ds);
           }
         }
-        mm_nn_acc(S, Kr, dQ, Dp, R, nk);
+        mm_tn_acc(ST, Kr, dQ, Dp, R, nk);
       }
       for (int r = 0; r < nq; ++r) store_vec(dq, p.dtype, ((d.q0 + i0 + r) * H + h) * D, D, p.scale, dQ + r * Dp);
     }
   }
 
-  // ---- pass 2: dk and dv, per (doc, kv head, key tile), summed over the group's query heads in order
+  // ---- pass 2: dk and dv
   const std::vector<Unit> ku = k_units(docs, Hkv, group);
 #pragma omp parallel
   {
-    Scratch sc(static_cast<size_t>(BK) * Dp * 4 + static_cast<size_t>(BQ) * Dp * 2 + 2 * Dp * LDT + BK * LDT * 3 +
-               2 * BQ);
+    Scratch sc(static_cast<size_t>(BK) * Dp * 4 + static_cast<size_t>(BQ) * Dp * 2 + 2 * Dp * LDT + BQ * LDT * 3);
     float* Kr = sc.take(BK * Dp);    // (BK, Dp) keys
     float* Vr = sc.take(BK * Dp);    // (BK, Dp) values
     float* dK = sc.take(BK * Dp);    // (BK, Dp) accumulator
     float* dV = sc.take(BK * Dp);    // (BK, Dp) accumulator
-    float* Qs = sc.take(BQ * Dp);    // (BQ, Dp) q * scale
+    float* Qr = sc.take(BQ * Dp);    // (BQ, Dp) q * scale
     float* dOr = sc.take(BQ * Dp);   // (BQ, Dp) dout
-    float* Qt = sc.take(Dp * LDT);   // (Dp, BQ) q * scale, transposed
-    float* dOt = sc.take(Dp * LDT);  // (Dp, BQ) dout, transposed
-    float* PT = sc.take(BK * LDT);   // (BK, BQ) P^T
-    float* dPT = sc.take(BK * LDT);  // (BK, BQ) (dO V^T)^T -> dS^T
-    float* T = sc.take(BK * LDT);    // (BK, BQ) tanh(s / cap)
-    float* L = sc.take(BQ);
-    float* Dl = sc.take(BQ);
+    float* Kt = sc.take(Dp * LDT);   // (Dp, BK) keys, transposed
+    float* Vt = sc.take(Dp * LDT);   // (Dp, BK) values, transposed
+    float* S = sc.take(BQ * LDT);    // (BQ, BK) S -> P
+    float* dP = sc.take(BQ * LDT);   // (BQ, BK) dO V^T -> dS
+    float* T = sc.take(BQ * LDT);    // (BQ, BK) tanh(s / cap)
 
 #pragma omp for schedule(dynamic, 1)
     for (size_t ui = 0; ui < ku.size(); ++ui) {
@@ -488,6 +521,8 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
       const int nk = static_cast<int>(std::min<int64_t>(BK, d.sk - j0)), R = round4(nk);
       load_rows(K, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Kr);
       load_rows(V, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Vr);
+      transpose(Kr, nk, D, Dp, Kt);
+      transpose(Vr, nk, D, Dp, Vt);
       std::fill(dK, dK + static_cast<int64_t>(R) * Dp, 0.0f);
       std::fill(dV, dV + static_cast<int64_t>(R) * Dp, 0.0f);
       const int64_t imin = d.first_row(j0), imax = d.last_row(j0 + nk - 1);
@@ -495,37 +530,33 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
         const int64_t h = hk * group + g;
         for (int64_t i0 = imin / BQ * BQ; i0 <= imax; i0 += BQ) {
           const int nq = static_cast<int>(std::min<int64_t>(BQ, d.sq - i0));
-          load_rows(Q, p.dtype, d.q0 + i0, h, nq, D, Dp, p.scale, Qs);
+          load_rows(Q, p.dtype, d.q0 + i0, h, nq, D, Dp, p.scale, Qr);
           load_rows(dO, p.dtype, d.q0 + i0, h, nq, D, Dp, 1.0f, dOr);
-          load_cols(Q, p.dtype, d.q0 + i0, h, nq, D, p.scale, Qt);
-          load_cols(dO, p.dtype, d.q0 + i0, h, nq, D, 1.0f, dOt);
-          for (int c = 0; c < nq; ++c) {
-            L[c] = lse[h * Tq + d.q0 + i0 + c];
-            Dl[c] = delta[h * Tq + d.q0 + i0 + c];
-          }
-          mm_nt_cols(nq, Kr, Dp, Qt, PT, R, D);
-          mm_nt_cols(nq, Vr, Dp, dOt, dPT, R, D);
+          mm_nt_cols(nk, Qr, Dp, Kt, S, round4(nq), D);
+          mm_nt_cols(nk, dOr, Dp, Vt, dP, round4(nq), D);
           const bool full = d.lo(i0 + nq - 1) <= j0 && d.hi(i0) >= j0 + nk - 1;
-          for (int r = 0; r < nk; ++r) {
-            float* s = PT + r * LDT;
-            float* t = T + r * LDT;
-            if (cap > 0) softcap_row(s, nq, cap, t);
+          for (int r = 0; r < nq; ++r) {
+            const int64_t t = d.q0 + i0 + r;
+            const float Lr = lse[h * Tq + t], Dr = delta[h * Tq + t];
+            float* s = S + r * LDT;
+            float* tt = T + r * LDT;
+            if (cap > 0) softcap_row(s, nk, cap, tt);
             if (!full)
-              for (int c = 0; c < nq; ++c)
-                if (!d.visible(i0 + c, j0 + r)) s[c] = -kInf;
-            for (int c = 0; c < nq; c += VW) {
-              const vf pr = vexp(vload(s + c) - vload(L + c));
-              vf ds = pr * (vload(dPT + r * LDT + c) - vload(Dl + c));
+              for (int c = 0; c < nk; ++c)
+                if (!d.visible(i0 + r, j0 + c)) s[c] = -kInf;
+            for (int c = 0; c < nk; c += VW) {
+              const vf pr = vexp(vload(s + c) - splat(Lr));
+              vf ds = pr * (vload(dP + r * LDT + c) - splat(Dr));
               if (cap > 0) {
-                const vf th = vload(t + c);
+                const vf th = vload(tt + c);
                 ds = ds * (splat(1.0f) - th * th);
               }
               vstore(s + c, pr);
-              vstore(dPT + r * LDT + c, ds);
+              vstore(dP + r * LDT + c, ds);
             }
           }
-          mm_nn_acc(PT, dOr, dV, Dp, R, nq);
-          mm_nn_acc(dPT, Qs, dK, Dp, R, nq);
+          mm_tn_acc(S, dOr, dV, Dp, R, nq);
+          mm_tn_acc(dP, Qr, dK, Dp, R, nq);
         }
       }
       for (int r = 0; r < nk; ++r) {
