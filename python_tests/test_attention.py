@@ -3,6 +3,9 @@
 Tolerance (flash-attn's rule), truth = the reference computed in fp64:
     max|backend - truth| <= 2 * max|eager_same_dtype - truth| + atol
 where eager_same_dtype is the reference run in the inputs' dtype (upcast=False). Checked for out, lse, dq, dk, dv.
+atol = ATOL[dtype] + 2 fp32 ulps of max|truth|: every backend accumulates in fp32, and the flash backward recomputes
+P = exp(s - lse) from the fp32 lse (|lse| ~ 5 carries ~0.5 ulp of relative error into every P of its row), so in
+fp32 the kernels sit up to ~1.5 ulps of max|truth| above twice eager's error (measured over fuzzed layouts).
 """
 from dataclasses import dataclass, replace
 from typing import Optional
@@ -17,6 +20,7 @@ from lengen_fast import attention, backends, varlen_attention
 from lengen_fast.reference import varlen_attention_ref
 
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+FP32_ULP = 2.0 ** -23
 HAS_TRITON = "triton" in attention._supported() and backends.available("attention", "triton", torch.device("cpu"))
 
 
@@ -102,8 +106,8 @@ def _check(c: Case, backend="cpu", seed=0):
             continue
         err = (g_.double() - t_)[fin].abs().max().item()
         err_eager = (e_.double() - t_)[fin].abs().max().item()
-        assert err <= 2 * err_eager + ATOL[c.dtype], \
-            f"{name}: {backend} err {err:.3g} > 2 * eager err {err_eager:.3g} + atol {ATOL[c.dtype]}"
+        atol = ATOL[c.dtype] + 2 * FP32_ULP * t_[fin].abs().max().item()
+        assert err <= 2 * err_eager + atol, f"{name}: {backend} err {err:.3g} > 2 * eager err {err_eager:.3g} + {atol:.3g}"
     nq = int(cu_q[-1])
     nk = int((cu_k if cu_k is not None else cu_q)[-1])
     for name, x in (("out", out[nq:]), ("dq", dq[nq:]), ("dk", dk[nk:]), ("dv", dv[nk:])):
@@ -124,6 +128,8 @@ CASES = {
     "window_mqa": Case((140, 3), causal=False, window=(5, 3), H=3, H_kv=1),
     "causal_window_left": Case((150, 20), window=(7, -1), tail=1),
     "window_right_only": Case((90, 9), causal=False, window=(-1, 2)),
+    # one visible key per row: P is one-hot, eager's dS is exactly 0 and the kernel's must be too
+    "window_diagonal_only": Case((140, 1), D=16, window=(0, -1), H=2, H_kv=1),
     "softcap": Case((100, 17), window=(30, -1), softcap=5.0, tail=1),
     "softcap_noncausal_scale": Case((80, 17), causal=False, softcap=2.0, scale=0.4),
     # non-contiguous inputs: views of a packed qkv and a transposed dout; stride 2 along D; permuted v

@@ -460,7 +460,8 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
         const int64_t t = d.q0 + i0 + r;
         load_vec(Out.ptr, p.dtype, Out.off(t, h), Out.s.s2, D, 1.0f, orow, 1);
         float acc = 0.0f;
-        for (int c = 0; c < D; ++c) acc += orow[c] * dOr[r * Dp + c];
+        // the same fma chain as dP = dO V^T in mm_nt, so dP - delta is exactly 0 where P is one-hot
+        for (int c = 0; c < D; ++c) acc = std::fma(dOr[r * Dp + c], orow[c], acc);
         Dl[r] = acc;
         delta[h * Tq + t] = acc;
         L[r] = lse[h * Tq + t];
