@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import mask_flags, score_params, visible
+from .attention_fwd import mask_flags, score_params, scores, visible
 from .attention_sched import (
     block_d, candidate_configs, dot_precision, pick_config, tanh_f32, tile_lookup, tile_schedule,
 )
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -33,19 +33,6 @@ def _bwd_delta(O, DO, DELTA, sot, soh, sod, sdt, sdh, sdd, sxh, T,
     o = tl.load(O + h * soh + r64[:, None] * sot + offs_d[None, :] * sod, mask=mask, other=0.0)
     do = tl.load(DO + h * sdh + r64[:, None] * sdt + offs_d[None, :] * sdd, mask=mask, other=0.0)
     tl.store(DELTA + h * sxh + r64, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T)
-
-
-@triton.jit
-def _scores_t(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """a @ b^T in base-2 score units, plus tanh (for the softcap chain rule; 0 when unused)."""
-    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
-    if SOFTCAP:
-        t = tanh_f32(s * qk_scale2)
-        s = cap2 * t
-    else:
-        t = s * 0.0
-        s = s * qk_scale2
-    return s, t
 
 
 @triton.jit
@@ -78,10 +65,10 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, ste
         else:
             lse2 = tl.load(lse_ptrs) * 1.4426950408889634
             delta = tl.load(delta_ptrs)
-        sT, tT = _scores_t(k, q, qk_scale2, cap2, SOFTCAP, DOT_PREC)               # (BN, BM)
-        pT = tl.math.exp2(sT - lse2[None, :])                                      # lse=+inf -> 0
+        sT, mult, tT = scores(k, q, qk_scale2, cap2, SOFTCAP, DOT_PREC)           # (BN, BM)
+        pT = tl.math.exp2(sT * mult - lse2[None, :])                               # lse=+inf -> 0
         if MASK:
-            vis = tl.trans(visible(rows, cols, diff, win_left, win_right, HAS_LEFT, HAS_RIGHT)) \
+            vis = visible(rows[None, :], cols[:, None], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
                 & (rows < sq)[None, :]
             pT = tl.where(vis, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -101,7 +88,7 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, ste
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
                    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd, slh, slt, sxh,
                    sdkt, sdkh, sdkd, sdvt, sdvh, sdvd,
-                   B, H_KV, GROUP, TOTAL_K, scale, qk_scale2, cap2, win_left, win_right,
+                   B, H_KV, TOTAL_K, scale, qk_scale2, cap2, win_left, win_right, GROUP: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -159,7 +146,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
         do_off = offs_m[:, None] * sdt + offs_d[None, :] * sdd
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for g in range(GROUP):                     # fixed order over the group's query heads
+        # fixed order over the group's query heads; unrolled (a runtime loop around the three
+        # pipelined loops costs registers and spills on sm_90)
+        for g in tl.static_range(GROUP):
             h = hk * GROUP + g
             q_base = Q + q0.to(tl.int64) * sqt + h * sqh + q_off
             do_base = DO + q0.to(tl.int64) * sdt + h * sdh + do_off
@@ -199,10 +188,11 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, hi, ro
         cols = start_n + offs_n
         k = _load_rows(k_ptrs, cols, sk, dmask, MASK, EVEN_D)                       # (BN, D)
         v = _load_rows(v_ptrs, cols, sk, dmask, MASK, EVEN_D)
-        s, t = _scores_t(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)                 # (BM, BN)
-        p = tl.math.exp2(s - lse2[:, None])
+        s, mult, t = scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)               # (BM, BN)
+        p = tl.math.exp2(s * mult - lse2[:, None])
         if MASK:
-            vis = visible(rows, cols, diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) & (cols < sk)[None, :]
+            vis = visible(rows[:, None], cols[None, :], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
+                & (cols < sk)[None, :]
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
@@ -320,7 +310,7 @@ def attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         sched = tile_schedule(cu_k, cu_q, cfg.block_n, Tk)
         _attn_bwd_dkdv[(sched.n_slots * H_kv,)](
             q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, sched.prefix, sched.order,
-            *common, *dk.stride(), *dv.stride(), B, H_kv, H // H_kv, Tk, scale, qk_scale2, cap2, *tail,
+            *common, *dk.stride(), *dv.stride(), B, H_kv, Tk, scale, qk_scale2, cap2, *tail, GROUP=H // H_kv,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
 
     def launch_dq(cfg):

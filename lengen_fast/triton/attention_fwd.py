@@ -22,26 +22,28 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _scores(q, k, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """(BM, BN) scores in base-2 units: s * log2(e), s = scale * q.k (soft-capped)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+def scores(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a @ b^T as (s, mult, t): s * mult is the score in base-2 units, i.e. log2(e) * softmax_scale * a.b
+    (soft-capped). Without softcap s is the raw product and mult = scale * log2(e), so callers fuse
+    the scaling into one FMA (s * mult - m); with softcap mult = 1 and t = tanh (for the chain rule)."""
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
     if SOFTCAP:
-        s = cap2 * tanh_f32(s * qk_scale2)        # qk_scale2 = scale / cap, cap2 = cap * log2(e)
+        t = tanh_f32(s * qk_scale2)              # qk_scale2 = scale / cap, cap2 = cap * log2(e)
+        return cap2 * t, 1.0, t
     else:
-        s = s * qk_scale2                         # qk_scale2 = scale * log2(e)
-    return s
+        return s, qk_scale2, s                    # qk_scale2 = scale * log2(e); t unused
 
 
 @triton.jit
 def visible(rows, cols, diff, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """(rows x cols) mask: query i sees key j iff i+diff-left <= j <= i+diff+right (diff = s_k - s_q)."""
-    c = cols[None, :]
-    r = rows[:, None] + diff
-    vis = c >= 0
+    """Broadcast mask of (rows, cols) index tensors (e.g. (BM, 1) and (1, BN)): query i sees key j iff
+    i + diff - left <= j <= i + diff + right, with diff = s_k - s_q (bottom-right alignment)."""
+    r = rows + diff
+    vis = cols >= 0
     if HAS_RIGHT:
-        vis = vis & (c <= r + win_right)
+        vis = vis & (cols <= r + win_right)
     if HAS_LEFT:
-        vis = vis & (c >= r - win_left)
+        vis = vis & (cols >= r - win_left)
     return vis
 
 
@@ -64,16 +66,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, s
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=dmask, other=0.0)
-        s = _scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)                       # (BM, BN)
+        s, mult, _ = scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)              # (BM, BN)
         if MASK:
-            vis = visible(rows, cols, diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) & (cols < sk)[None, :]
+            vis = visible(rows[:, None], cols[None, :], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
+                & (cols < sk)[None, :]
             s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * mult)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * mult)
             m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
+        p = tl.math.exp2(s * mult - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]

@@ -40,7 +40,7 @@ def tile_schedule(cu_tiles: torch.Tensor, cu_weight: torch.Tensor, block: int, t
     weight = cu_weight[1:] - cu_weight[:-1]
     order = torch.argsort(weight, descending=True, stable=True)
     prefix = torch.zeros(B + 1, dtype=torch.int32, device=cu_tiles.device)
-    torch.cumsum(ntiles[order], 0, out=prefix[1:])
+    torch.cumsum(ntiles[order], 0, dtype=torch.int32, out=prefix[1:])
     if B == 0:
         order = torch.zeros(1, dtype=torch.int64, device=cu_tiles.device)
     return TileSchedule(prefix, order.to(torch.int32), triton.cdiv(total, block) + B + 1)
@@ -88,28 +88,35 @@ INTERPRET_CONFIGS: dict[str, KernelConfig] = {
 }
 
 K = KernelConfig
-# GPU candidates per kernel, by padded head dim. fp16/bf16 use the tensor cores with fp32
-# accumulation; fp32 inputs use IEEE dots (exact like eager fp32) and smaller tiles.
+# GPU candidates per kernel and padded head dim, chosen so that sm_90 builds keep wgmma (>= 64 rows
+# per warpgroup on the left operand) and spill few or no registers (checked with ptxas -v on
+# Triton 3.9 builds for sm_90a). fp16/bf16 use tensor cores with fp32 accumulation.
 _GPU_CONFIGS: dict[str, dict[int, list[KernelConfig]]] = {
     "fwd": {
         64: [K(128, 64, 4, 3), K(128, 128, 8, 3), K(128, 64, 4, 4), K(64, 64, 4, 3)],
-        128: [K(128, 64, 8, 3), K(128, 128, 8, 3), K(128, 64, 4, 3), K(64, 64, 4, 3)],
-        256: [K(128, 64, 8, 2), K(64, 64, 4, 2), K(64, 32, 4, 2)],
+        128: [K(128, 64, 8, 3), K(128, 64, 8, 4), K(128, 128, 8, 3), K(64, 64, 4, 3)],
+        256: [K(64, 32, 8, 2), K(128, 32, 8, 2), K(128, 64, 8, 2)],
     },
-    # dk/dv: a key tile stays in registers while query tiles stream past (small BLOCK_M)
+    # dk/dv: a key tile (and its dk, dv accumulators) stays on chip while query tiles stream past;
+    # its left operands are the key tile, so BLOCK_N >= 64
     "bwd_dkdv": {
-        64: [K(32, 128, 4, 3), K(64, 128, 8, 3), K(64, 64, 4, 3), K(32, 64, 4, 3)],
-        128: [K(32, 128, 4, 3), K(64, 128, 8, 3), K(64, 64, 4, 3), K(32, 64, 4, 2)],
-        256: [K(32, 64, 4, 2), K(64, 64, 8, 2), K(32, 32, 4, 2)],
+        64: [K(64, 128, 8, 3), K(32, 128, 8, 3), K(64, 64, 4, 3), K(32, 64, 4, 3)],
+        128: [K(32, 64, 8, 3), K(32, 64, 8, 4), K(64, 64, 8, 3), K(32, 128, 8, 3)],
+        256: [K(16, 64, 8, 2), K(16, 64, 8, 1), K(32, 64, 8, 2)],
     },
-    # dq: a query tile stays in registers while key tiles stream past (small BLOCK_N)
+    # dq: a query tile stays on chip while key tiles stream past
     "bwd_dq": {
         64: [K(128, 32, 4, 3), K(128, 64, 8, 3), K(64, 64, 4, 3), K(64, 32, 4, 3)],
-        128: [K(128, 32, 4, 3), K(128, 64, 8, 3), K(64, 64, 4, 3), K(64, 32, 4, 2)],
-        256: [K(64, 32, 4, 2), K(64, 64, 8, 2), K(32, 32, 4, 2)],
+        128: [K(128, 64, 8, 3), K(128, 32, 8, 3), K(64, 64, 8, 3), K(64, 32, 4, 3)],
+        256: [K(128, 32, 8, 2), K(64, 32, 8, 2), K(64, 32, 4, 2)],
     },
 }
-_FP32_CONFIGS = [K(64, 32, 4, 2), K(32, 32, 4, 2), K(32, 64, 4, 2)]
+# fp32 inputs use IEEE FMA dots (errors like eager fp32; tf32 would be ~1e-3 off): small tiles
+_FP32_CONFIGS: dict[str, list[KernelConfig]] = {
+    "fwd": [K(32, 32, 8, 2), K(16, 32, 4, 2)],
+    "bwd_dkdv": [K(32, 32, 8, 2), K(16, 32, 4, 2)],
+    "bwd_dq": [K(32, 32, 8, 2), K(32, 16, 4, 2)],
+}
 del K
 
 
@@ -117,7 +124,7 @@ def candidate_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[Ker
     if triton_interpret():
         return [INTERPRET_CONFIGS[kernel]]
     if dtype == torch.float32:
-        return list(_FP32_CONFIGS)
+        return list(_FP32_CONFIGS[kernel])
     by_d = _GPU_CONFIGS[kernel]
     return by_d[min(d for d in by_d if d >= block_d)] if block_d <= 256 else by_d[256]
 
