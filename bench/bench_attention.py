@@ -58,6 +58,14 @@ def layout_lengths(layout: str, total: int) -> list[int]:
     return long_tailed_lengths(total) if layout == "a" else [16] * (total // 16)
 
 
+def threads(device: str) -> dict:
+    """CPU thread counts (torch intra-op, lengen's OpenMP), part of each CPU row's config."""
+    if device != "cpu":
+        return {}
+    ext = backends.cpu_ext()
+    return {"torch_threads": torch.get_num_threads(), "omp_threads": ext.num_threads() if ext else None}
+
+
 def attn_flops(lens: list[int], H: int, D: int, causal: bool) -> float:
     """flash-attn counting for the forward pass: 4 * sum(s^2) * H * D, halved when causal."""
     return 4.0 * sum(s * s for s in lens) * H * D / (2.0 if causal else 1.0)
@@ -139,6 +147,7 @@ def step(fwd, dout, inputs, mode: str):
 
 
 FLOP_MULT = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+_FLEX_COMPILED: list = []
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -147,7 +156,7 @@ def run_config(cfg: Config, device: str, providers: dict, mode: str, reps: int, 
                baseline: str | None = None) -> list[dict]:
     lens = layout_lengths(cfg.layout, cfg.total)
     flops = attn_flops(lens, cfg.H, cfg.D, cfg.causal) * FLOP_MULT[mode]
-    conf = {**asdict(cfg), "docs": len(lens), "max_len": max(lens), "pass": mode}
+    conf = {**asdict(cfg), "docs": len(lens), "max_len": max(lens), "pass": mode, **threads(device)}
     print(f"\n--- {conf}")
     rows = []
     for name, make in providers.items():
@@ -171,13 +180,15 @@ def flex_rows(cfg: Config, device: str, mode: str, reps: int, peak: float | None
     """FlexAttention with a document mask: block-mask build, first call (compile) and steady-state rows."""
     lens = layout_lengths(cfg.layout, cfg.total)
     flops = attn_flops(lens, cfg.H, cfg.D, cfg.causal) * FLOP_MULT[mode]
-    conf = {**asdict(cfg), "docs": len(lens), "max_len": max(lens), "pass": mode}
+    conf = {**asdict(cfg), "docs": len(lens), "max_len": max(lens), "pass": mode, **threads(device)}
     q, k, v, dout, cu = make_inputs(cfg, lens, device)
     if mode == "fwd":
         q, k, v = (x.detach() for x in (q, k, v))
     rows = []
-    torch._dynamo.reset()                                     # the first call below includes a cold compile
-    torch._inductor.config.force_disable_caches = True
+    torch._dynamo.reset()                                     # the first call below includes tracing + compile
+    cold = not _FLEX_COMPILED                                 # inductor's caches are off for the first config only
+    torch._inductor.config.force_disable_caches = cold
+    _FLEX_COMPILED.append(cfg)
     try:
         flex, bm, t_mask = flex_setup(q, cu, device)
         fwd, do = flex_fwd(flex, bm, q, k, v, dout)
@@ -195,7 +206,8 @@ def flex_rows(cfg: Config, device: str, mode: str, reps: int, peak: float | None
     rows.append(record("attention", conf, "flex_attention/block_mask", t_mask, device=device,
                        note="create_block_mask per batch (compiled mask builder)"))
     rows.append(record("attention", conf, "flex_attention/first_call", one, device=device,
-                       note="first call: torch.compile of flex_attention + one step"))
+                       note="first call: torch.compile of flex_attention + one step ("
+                            + ("cold, caches off)" if cold else "inductor caches warm)")))
     tflops = flops / (t.median_ms * 1e-3) / 1e12
     rows.append(record("attention", conf, "flex_attention", t, device=device, throughput=tflops, unit="TFLOP/s",
                        ratio_to_peak=None if peak is None else tflops / peak))
@@ -203,20 +215,25 @@ def flex_rows(cfg: Config, device: str, mode: str, reps: int, peak: float | None
     return rows
 
 
-def cpu_section():
+def _only(providers: dict, only) -> dict:
+    return {k: f for k, f in providers.items() if only is None or k in only}
+
+
+def cpu_section(only=None):
     total = 1024 if QUICK else 8192
     H, D = (2, 32) if QUICK else (8, 64)
     reps = 3 if QUICK else 5
     print(f"CPU: {backends.describe()}, torch threads {torch.get_num_threads()}")
     for layout in ("a", "b"):
         cfg = Config(layout, total, H, D, "float32")
-        run_config(cfg, "cpu", {"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd,
-                                "sdpa_dense_mask": sdpa_dense_fwd, "torch_reference": reference_fwd},
+        run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd,
+                                      "sdpa_dense_mask": sdpa_dense_fwd, "torch_reference": reference_fwd}, only),
                    "fwd+bwd", reps, baseline="sdpa_per_doc")
         # FlexAttention has no CPU backward: forward passes on their own.
-        run_config(cfg, "cpu", {"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd}, "fwd", reps,
-                   baseline="sdpa_per_doc")
-        flex_rows(cfg, "cpu", "fwd", reps, peak=None)
+        run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd}, only), "fwd",
+                   reps, baseline="sdpa_per_doc")
+        if only is None or "flex_attention" in only:
+            flex_rows(cfg, "cpu", "fwd", reps, peak=None)
 
 
 def gpu_section():
@@ -237,9 +254,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu-only", action="store_true")
     p.add_argument("--gpu-only", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated CPU providers, e.g. lengen_cpu,sdpa_per_doc")
     args = p.parse_args(argv)
     if not args.gpu_only:
-        cpu_section()
+        cpu_section(None if args.only is None else set(args.only.split(",")))
     if not args.cpu_only and torch.cuda.is_available():
         gpu_section()
 

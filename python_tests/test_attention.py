@@ -44,13 +44,13 @@ def _cu(lens):
     return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _inputs(c: Case, seed: int = 0):
+def _inputs(c: Case, seed: int = 0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     lens_k = c.lens_k if c.lens_k is not None else c.lens_q
     Tq, Tk = sum(c.lens_q) + c.tail, sum(lens_k) + c.tail
 
     def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(c.dtype)
+        return torch.randn(*shape, generator=g).to(device=device, dtype=c.dtype)
 
     if c.layout == "packed":
         assert Tq == Tk
@@ -62,8 +62,8 @@ def _inputs(c: Case, seed: int = 0):
         dout = rnd(Tq, c.H, 2 * c.D)[..., ::2]
     else:
         q, k, v, dout = rnd(Tq, c.H, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tq, c.H, c.D)
-    cu_q = _cu(c.lens_q)
-    cu_k = _cu(c.lens_k) if c.lens_k is not None else None
+    cu_q = _cu(c.lens_q).to(device)
+    cu_k = _cu(c.lens_k).to(device) if c.lens_k is not None else None
     return q, k, v, dout, cu_q, cu_k
 
 
@@ -84,8 +84,8 @@ def _reference(c: Case, q, k, v, dout, cu_q, cu_k, dtype):
     return [out, lse] + [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]
 
 
-def _check(c: Case, backend="cpu", seed=0):
-    q, k, v, dout, cu_q, cu_k = _inputs(c, seed)
+def _check(c: Case, backend="cpu", seed=0, device="cpu"):
+    q, k, v, dout, cu_q, cu_k = _inputs(c, seed, device)
     before = [x.clone() for x in (q, k, v, dout)]
     got = _run(c, q, k, v, dout, cu_q, cu_k, backend)
     for x, b in zip((q, k, v, dout), before):                               # out-of-place
@@ -225,6 +225,44 @@ def test_fuzz_layouts(data, n_docs, causal, tail, heads, D, left, right, softcap
 ], ids=["fp16_causal_gqa", "fp32_window_softcap_sq_ne_sk", "fp32_packed_qkv"])
 def test_triton_through_op(case):
     _check(case, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------- GPU (pytest -m gpu)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_public_op(dtype, D):
+    _check(Case((1, 700, 0, 1500, 33, 129), H=8, H_kv=2, D=D, dtype=dtype, tail=17), backend=None, device="cuda")
+    _check(Case((300, 0, 64), (200, 5, 64), H=4, H_kv=1, D=D, dtype=dtype, causal=False, window=(50, 7),
+                softcap=10.0), backend=None, device="cuda")
+    _check(Case((19, 0, 260), H=4, H_kv=2, D=D, dtype=dtype, tail=3, layout="packed"), backend=None, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync():
+    c = Case((1, 700, 0, 300), H=8, H_kv=2, D=64, dtype=torch.bfloat16, tail=5)
+    q, k, v, dout, cu_q, _ = _inputs(c, 0, "cuda")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    varlen_attention(q, k, v, cu_q).backward(dout)                          # warm-up: autotuning may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = varlen_attention(q, k, v, cu_q)
+        torch.autograd.grad(out, (q, k, v), dout)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_inductor():
+    torch.manual_seed(0)
+    model = TinyAttentionModel().cuda()
+    x = torch.randn(45, 32, device="cuda")
+    cu = _cu((20, 0, 1, 24)).cuda()
+    eager = model(x, cu)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x, cu), eager)
 
 
 # ------------------------------------------------------------------------------------------- custom op / compile
