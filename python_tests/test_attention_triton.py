@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lengen_fast.reference import varlen_attention_ref
-from lengen_fast.triton import attention_sched
+from lengen_fast.triton import attention_bwd, attention_sched
 from lengen_fast.triton.attention_bwd import attention_bwd_triton
 from lengen_fast.triton.attention_fwd import attention_fwd_triton
 from lengen_fast.triton.attention_sched import KernelConfig, tile_schedule
@@ -134,6 +134,12 @@ def test_other_tile_shapes(monkeypatch, fwd, dkdv, dq):
         monkeypatch.setitem(attention_sched.INTERPRET_CONFIGS, kern, KernelConfig(bm, bn, 4, 1))
     _check(Case((45, 2, 20), (33, 40, 20), H=2, H_kv=1, tail=1))
     _check(Case((45, 20), causal=False, window=(9, 4), tail=1, dtype=torch.float32))
+
+
+def test_gqa_group_runtime_loop(monkeypatch):
+    # groups above MAX_UNROLLED_GROUP walk the query heads in a runtime loop instead of unrolling
+    monkeypatch.setattr(attention_bwd, "MAX_UNROLLED_GROUP", 1)
+    _check(Case((21, 0, 13), H=3, H_kv=1, window=(6, -1), tail=1))
 
 
 def test_all_tail_tokens():

@@ -20,6 +20,9 @@ from .attention_sched import (
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# GQA groups up to this size are unrolled in the dk/dv kernel: that removes the register spills of
+# the runtime loop for MHA and group 2; larger unrolls spill as much (ptxas, sm_90) and compile longer
+MAX_UNROLLED_GROUP = 2
 
 
 @triton.jit
@@ -84,11 +87,39 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, ste
     return dk, dv
 
 
+@triton.jit
+def _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, h, q0, sqt, sqh, sdt, sdh, slh, slt, sxh, q_off, do_off,
+               start, full_lo, full_hi, hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2, offs_m, dmask,
+               BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Query head h against one key tile: masked [start, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi)."""
+    q_base = Q + q0.to(tl.int64) * sqt + h * sqh + q_off
+    do_base = DO + q0.to(tl.int64) * sdt + h * sdh + do_off
+    l_base = LSE + h * slh + (q0 + offs_m).to(tl.int64) * slt
+    x_base = DELTA + h * sxh + (q0 + offs_m).to(tl.int64)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            p_lo = start
+            p_hi = full_lo
+        elif phase == 1:
+            p_lo = full_lo
+            p_hi = full_hi
+        else:
+            p_lo = full_hi
+            p_hi = hi
+        p64 = p_lo.to(tl.int64)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base + p64 * sqt, do_base + p64 * sdt, l_base + p64 * slt, x_base + p64,
+                             BLOCK_M * sqt, BLOCK_M * sdt, BLOCK_M * slt, BLOCK_M,
+                             p_lo, p_hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2,
+                             offs_m, dmask, BLOCK_M, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["B", "TOTAL_K"])
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
                    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd, slh, slt, sxh,
                    sdkt, sdkh, sdkd, sdvt, sdvh, sdvd,
-                   B, H_KV, TOTAL_K, scale, qk_scale2, cap2, win_left, win_right, GROUP: tl.constexpr,
+                   B, H_KV, GROUP, TOTAL_K, scale, qk_scale2, cap2, win_left, win_right, UNROLL: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -146,31 +177,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
         do_off = offs_m[:, None] * sdt + offs_d[None, :] * sdd
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        # fixed order over the group's query heads; unrolled (a runtime loop around the three
-        # pipelined loops costs registers and spills on sm_90)
-        for g in tl.static_range(GROUP):
-            h = hk * GROUP + g
-            q_base = Q + q0.to(tl.int64) * sqt + h * sqh + q_off
-            do_base = DO + q0.to(tl.int64) * sdt + h * sdh + do_off
-            l_base = LSE + h * slh + (q0 + offs_m).to(tl.int64) * slt
-            x_base = DELTA + h * sxh + (q0 + offs_m).to(tl.int64)
-            for phase in tl.static_range(3):
-                if phase == 0:
-                    p_lo = start
-                    p_hi = full_lo
-                elif phase == 1:
-                    p_lo = full_lo
-                    p_hi = full_hi
-                else:
-                    p_lo = full_hi
-                    p_hi = hi
-                p64 = p_lo.to(tl.int64)
-                dk, dv = _dkdv_inner(dk, dv, k, v, q_base + p64 * sqt, do_base + p64 * sdt,
-                                     l_base + p64 * slt, x_base + p64,
-                                     BLOCK_M * sqt, BLOCK_M * sdt, BLOCK_M * slt, BLOCK_M,
-                                     p_lo, p_hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2,
-                                     offs_m, dmask, BLOCK_M, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                     EVEN_D, DOT_PREC)
+        # the group's query heads in a fixed order; unrolled when small (a runtime loop around the
+        # three pipelined loops costs registers and spills on sm_90), a runtime loop otherwise
+        if UNROLL > 0:
+            for g in tl.static_range(UNROLL):
+                dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, hk * UNROLL + g, q0, sqt, sqh, sdt, sdh, slh,
+                                    slt, sxh, q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff,
+                                    win_left, win_right, qk_scale2, cap2, offs_m, dmask, BLOCK_M,
+                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+        else:
+            for g in range(GROUP):
+                dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, hk * GROUP + g, q0, sqt, sqh, sdt, sdh, slh,
+                                    slt, sxh, q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff,
+                                    win_left, win_right, qk_scale2, cap2, offs_m, dmask, BLOCK_M,
+                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
         dk = dk * scale
         tl.store(DK + k_off * sdkt + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :] * sdkd,
                  dk.to(DK.dtype.element_ty), mask=kmask)
@@ -291,6 +311,7 @@ def attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     B = cu_q.numel() - 1
+    group = H // H_kv
     scale, qk_scale2, cap2 = score_params(D, softmax_scale, softcap)
     left, right, has_left, has_right = mask_flags(causal, window_left, window_right)
     BD = block_d(D)
@@ -310,14 +331,15 @@ def attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
         sched = tile_schedule(cu_k, cu_q, cfg.block_n, Tk)
         _attn_bwd_dkdv[(sched.n_slots * H_kv,)](
             q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, sched.prefix, sched.order,
-            *common, *dk.stride(), *dv.stride(), B, H_kv, Tk, scale, qk_scale2, cap2, *tail, GROUP=H // H_kv,
+            *common, *dk.stride(), *dv.stride(), B, H_kv, group, Tk, scale, qk_scale2, cap2, *tail,
+            UNROLL=group if group <= MAX_UNROLLED_GROUP else 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
 
     def launch_dq(cfg):
         sched = tile_schedule(cu_q, cu_k, cfg.block_m, Tq)
         _attn_bwd_dq[(sched.n_slots * H,)](
             q, k, v, dout, lse, delta, dq, cu_q, cu_k, sched.prefix, sched.order,
-            *common, *dq.stride(), B, H, H // H_kv, Tq, scale, qk_scale2, cap2, *tail,
+            *common, *dq.stride(), B, H, group, Tq, scale, qk_scale2, cap2, *tail,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
 
     key = (BD, has_left, has_right, softcap > 0, q.dtype, q.device)
