@@ -18,7 +18,6 @@ from .attention_sched import (
 )
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
