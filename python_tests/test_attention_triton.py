@@ -197,10 +197,17 @@ def test_schedule_covers_every_tile(lens, weights, block, tail):
 GPU_LENS = (1, 700, 0, 1500, 33, 129, 256)
 
 
+@pytest.fixture
+def first_config(monkeypatch):
+    """Correctness runs take each kernel's first GPU config: timing every candidate of every
+    variant would compile for minutes. test_gpu_autotuned_configs covers the others."""
+    monkeypatch.setattr(attention_sched, "AUTOTUNE", False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128, 256, 96])
-def test_gpu_causal_gqa(dtype, D):
+def test_gpu_causal_gqa(first_config, dtype, D):
     _check(Case(GPU_LENS, H=8, H_kv=2, D=D, dtype=dtype, tail=17))
 
 
@@ -213,12 +220,25 @@ def test_gpu_causal_gqa(dtype, D):
     dict(strided=True, H_kv=1),
     dict(dtype=torch.float32, D=64),
 ])
-def test_gpu_variants(kw):
+def test_gpu_variants(first_config, kw):
     _check(replace(Case(GPU_LENS, H=4, H_kv=2, D=128, dtype=torch.bfloat16, tail=5), **kw))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_autotuned_configs(first_config, monkeypatch, D):
+    """Every candidate config is correct (the autotuner may pick any of them)."""
+    c = Case(GPU_LENS, H=4, H_kv=2, D=D, dtype=torch.bfloat16, tail=5)
+    for by_d in attention_sched._GPU_CONFIGS.values():
+        for cfg in by_d[D][1:]:
+            with monkeypatch.context() as m:
+                m.setitem(by_d, D, [cfg])
+                _check(c)
+
+
+@pytest.mark.gpu
 def test_gpu_deterministic_bitwise():
+    # also runs the autotuner (bf16, hdim 128, causal)
     c = Case((3000, 17, 1000, 500), H=16, H_kv=2, D=128, dtype=torch.bfloat16, tail=9)
     q, k, v, dout, cu_q, cu_k = _inputs(c)
     first = _kernels(c, q, k, v, dout, cu_q, cu_k)

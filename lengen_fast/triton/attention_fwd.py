@@ -28,9 +28,12 @@ def scores(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr)
     s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
     if SOFTCAP:
         t = tanh_f32(s * qk_scale2)              # qk_scale2 = scale / cap, cap2 = cap * log2(e)
-        return cap2 * t, 1.0, t
+        s = cap2 * t
+        mult = 1.0
     else:
-        return s, qk_scale2, s                    # qk_scale2 = scale * log2(e); t unused
+        t = s                                     # unused
+        mult = qk_scale2                          # qk_scale2 = scale * log2(e)
+    return s, mult, t
 
 
 @triton.jit

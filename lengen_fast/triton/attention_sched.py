@@ -11,6 +11,7 @@ tail tokens at/after ``cu_seqlens[-1]`` (their outputs are zeroed); the remainin
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -130,12 +131,14 @@ def candidate_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[Ker
 
 
 _BEST: dict[tuple, KernelConfig] = {}
+# LENGEN_TRITON_AUTOTUNE=0 takes the first candidate instead of timing them all (faster first calls)
+AUTOTUNE = os.environ.get("LENGEN_TRITON_AUTOTUNE", "1") != "0"
 
 
 def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[KernelConfig], None]) -> KernelConfig:
     """Autotune once per key (head dim, mask kind, softcap, dtype, device): time each config's
     launch and keep the fastest. ``launch`` must be idempotent (the kernels only write outputs)."""
-    if len(configs) == 1:
+    if len(configs) == 1 or not AUTOTUNE:
         return configs[0]
     best = _BEST.get(key)
     if best is None:
