@@ -59,7 +59,7 @@ def attention_bwd_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.empty(k.shape, dtype=k.dtype)
     dv = torch.empty(v.shape, dtype=v.dtype)
-    delta = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)                   # (H, Tq) rowsum(dO * O)
+    delta = torch.empty(2, q.shape[1], q.shape[0], dtype=torch.float32)                # (2, H, Tq) rowsum(dO*O) hi, lo
     backends.cpu_ext().attention_bwd_cpu(
         dout.data_ptr(), dout.stride(), q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
         out.data_ptr(), out.stride(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),

@@ -55,6 +55,6 @@ void register_attention(py::module_& m) {
                            lf::as_ptr<const float>(lse), lf::as_ptr<float>(delta), lf::as_ptr<void>(dq),
                            lf::as_ptr<void>(dk), lf::as_ptr<void>(dv));
       },
-      "Varlen attention backward: dq (Tq, H, D), dk / dv (Tk, Hkv, D) contiguous; delta (H, Tq) fp32 scratch. "
+      "Varlen attention backward: dq (Tq, H, D), dk / dv (Tk, Hkv, D) contiguous; delta (2, H, Tq) fp32 scratch. "
       "Deterministic.");
 }

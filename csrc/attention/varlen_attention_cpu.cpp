@@ -405,7 +405,7 @@ void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Stride
 }
 
 // ================================================================================================ backward
-// Pass 1, per (doc, head, q tile): delta = rowsum(dO * O) and dq = scale * sum_j dS K, with S^T and dP^T built
+// Pass 1, per (doc, head, q tile): delta = rowsum(dO * O) (double, stored as hi + lo) and dq = scale * sum_j dS K, with S^T and dP^T built
 // against Q^T and dO^T (transposed once per unit). Pass 2, per (doc, kv head, key tile): dk, dv summed over the
 // group's query heads and the visible q tiles, with S and dP built against K^T and V^T (transposed once per unit).
 // With softcap, s = cap * tanh(s_raw / cap) and dS_raw = dS * (1 - tanh^2).
@@ -428,7 +428,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
 #pragma omp parallel
   {
     Scratch sc(static_cast<size_t>(BQ) * Dp * 3 + static_cast<size_t>(BK) * Dp * 2 + 2 * Dp * LDT + BK * LDT * 3 +
-               2 * LDT + Dp);
+               3 * LDT + Dp);
     float* Qr = sc.take(BQ * Dp);    // (BQ, Dp) q * scale
     float* dOr = sc.take(BQ * Dp);   // (BQ, Dp) dout
     float* dQ = sc.take(BQ * Dp);    // (BQ, Dp) accumulator
@@ -440,7 +440,8 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
     float* dPT = sc.take(BK * LDT);  // (BK, BQ) V dO^T
     float* T = sc.take(BK * LDT);    // (BK, BQ) tanh(s / cap)
     float* L = sc.take(LDT);         // (BQ,) lse
-    float* Dl = sc.take(LDT);        // (BQ,) delta
+    float* Dl = sc.take(LDT);        // (BQ,) delta, high part
+    float* Dlo = sc.take(LDT);       // (BQ,) delta, low part
     float* orow = sc.take(Dp);
 
 #pragma omp for schedule(dynamic, 1)
@@ -456,14 +457,18 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
       std::fill(dQ, dQ + static_cast<int64_t>(R) * Dp, 0.0f);
       std::fill(L, L + LDT, kInf);
       std::fill(Dl, Dl + LDT, 0.0f);
+      std::fill(Dlo, Dlo + LDT, 0.0f);
       for (int r = 0; r < nq; ++r) {
         const int64_t t = d.q0 + i0 + r;
         load_vec(Out.ptr, p.dtype, Out.off(t, h), Out.s.s2, D, 1.0f, orow, 1);
-        float acc = 0.0f;
-        // the same fma chain as dP = dO V^T in mm_nt, so dP - delta is exactly 0 where P is one-hot
-        for (int c = 0; c < D; ++c) acc = std::fma(dOr[r * Dp + c], orow[c], acc);
-        Dl[r] = acc;
-        delta[h * Tq + t] = acc;
+        // delta in double, kept as hi + lo floats: dP - delta cancels, and an fp32 sum over D would leave an
+        // error of a few ulps of |dP| in every dS of the row
+        double acc = 0.0;
+        for (int c = 0; c < D; ++c) acc += static_cast<double>(dOr[r * Dp + c]) * orow[c];
+        Dl[r] = static_cast<float>(acc);
+        Dlo[r] = static_cast<float>(acc - Dl[r]);
+        delta[h * Tq + t] = Dl[r];
+        delta[H * Tq + h * Tq + t] = Dlo[r];
         L[r] = lse[h * Tq + t];
       }
       const int64_t kmin = d.lo(i0), kmax = d.hi(i0 + nq - 1);
@@ -483,7 +488,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
               if (!d.visible(i0 + c, j0 + r)) s[c] = -kInf;
           for (int c = 0; c < nq; c += VW) {
             const vf pr = vexp(vload(s + c) - vload(L + c));  // lse = +inf (empty row) -> 0
-            vf ds = pr * (vload(dPT + r * LDT + c) - vload(Dl + c));
+            vf ds = pr * ((vload(dPT + r * LDT + c) - vload(Dl + c)) - vload(Dlo + c));
             if (cap > 0) {
               const vf th = vload(t + c);
               ds = ds * (splat(1.0f) - th * th);
@@ -538,7 +543,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
           const bool full = d.lo(i0 + nq - 1) <= j0 && d.hi(i0) >= j0 + nk - 1;
           for (int r = 0; r < nq; ++r) {
             const int64_t t = d.q0 + i0 + r;
-            const float Lr = lse[h * Tq + t], Dr = delta[h * Tq + t];
+            const float Lr = lse[h * Tq + t], Dr = delta[h * Tq + t], Drlo = delta[H * Tq + h * Tq + t];
             float* s = S + r * LDT;
             float* tt = T + r * LDT;
             if (cap > 0) softcap_row(s, nk, cap, tt);
@@ -547,7 +552,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
                 if (!d.visible(i0 + r, j0 + c)) s[c] = -kInf;
             for (int c = 0; c < nk; c += VW) {
               const vf pr = vexp(vload(s + c) - splat(Lr));
-              vf ds = pr * (vload(dP + r * LDT + c) - splat(Dr));
+              vf ds = pr * ((vload(dP + r * LDT + c) - splat(Dr)) - splat(Drlo));
               if (cap > 0) {
                 const vf th = vload(tt + c);
                 ds = ds * (splat(1.0f) - th * th);
