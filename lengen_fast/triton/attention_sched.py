@@ -29,22 +29,54 @@ class TileSchedule:
     n_slots: int           # grid size in tiles (host-known upper bound)
 
 
-def tile_schedule(cu_tiles: torch.Tensor, cu_weight: torch.Tensor, block: int, total: int) -> TileSchedule:
-    """Tiles of BLOCK tokens over the documents of ``cu_tiles`` (B+1,), documents sorted by
-    decreasing length in ``cu_weight`` (the other side's lengths: the cost of one tile).
+# one program sorts up to this many documents; more go through torch ops
+MAX_KERNEL_DOCS = 4096        # < 2**20: the sort key packs (length, index) into an int64
 
-    Device-side torch ops only: no host sync, so the result can feed a launch under CUDA graphs.
+
+def tile_schedule(cu_tiles: torch.Tensor, cu_weight: torch.Tensor, block: int, total: int) -> TileSchedule:
+    """Tiles of BLOCK tokens over the documents of ``cu_tiles`` (B+1,) int32, documents sorted by
+    decreasing length in ``cu_weight`` (the other side's lengths: the cost of one tile), ties by index.
+
+    Device-side only (one tiny kernel, or torch ops for many documents): no host sync.
     """
     B = cu_tiles.numel() - 1
-    lens = cu_tiles[1:] - cu_tiles[:-1]                                               # (B,)
-    ntiles = torch.div(lens + (block - 1), block, rounding_mode="floor")
-    weight = cu_weight[1:] - cu_weight[:-1]
-    order = torch.argsort(weight, descending=True, stable=True)
+    n_slots = triton.cdiv(total, block) + B + 1
+    if 0 < B <= MAX_KERNEL_DOCS:
+        prefix = torch.empty(B + 1, dtype=torch.int32, device=cu_tiles.device)
+        order = torch.empty(B, dtype=torch.int32, device=cu_tiles.device)
+        _schedule_kernel[(1,)](cu_tiles, cu_weight, prefix, order, B, BLOCK=block,
+                               BLOCK_B=max(16, triton.next_power_of_2(B)), num_warps=4)
+        return TileSchedule(prefix, order, n_slots)
+    prefix, order = schedule_torch(cu_tiles, cu_weight, block)
+    return TileSchedule(prefix, order, n_slots)
+
+
+def schedule_torch(cu_tiles: torch.Tensor, cu_weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix, order) of :func:`tile_schedule` with torch ops (any number of documents)."""
+    B = cu_tiles.numel() - 1
+    ntiles = torch.div(cu_tiles[1:] - cu_tiles[:-1] + (block - 1), block, rounding_mode="floor")   # (B,)
+    order = torch.argsort(cu_weight[1:] - cu_weight[:-1], descending=True, stable=True)
     prefix = torch.zeros(B + 1, dtype=torch.int32, device=cu_tiles.device)
     torch.cumsum(ntiles[order], 0, dtype=torch.int32, out=prefix[1:])
     if B == 0:
         order = torch.zeros(1, dtype=torch.int64, device=cu_tiles.device)
-    return TileSchedule(prefix, order.to(torch.int32), triton.cdiv(total, block) + B + 1)
+    return prefix, order.to(torch.int32)
+
+
+@triton.jit(do_not_specialize=["B"])
+def _schedule_kernel(CU_T, CU_W, PREFIX, ORDER, B, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    i = tl.arange(0, BLOCK_B)
+    ok = i < B
+    w = tl.load(CU_W + i + 1, mask=ok, other=0) - tl.load(CU_W + i, mask=ok, other=0)
+    w = tl.where(ok, w, -1).to(tl.int64)
+    # descending weight, then ascending index; padding (w = -1) sorts last
+    key = w * 1048576 + (1048575 - i)
+    doc = (1048575 - (tl.sort(key, descending=True) & 1048575)).to(tl.int32)
+    doc = tl.where(ok, doc, 0)
+    n = (tl.load(CU_T + doc + 1, mask=ok, other=0) - tl.load(CU_T + doc, mask=ok, other=0) + BLOCK - 1) // BLOCK
+    tl.store(PREFIX + 1 + i, tl.cumsum(tl.where(ok, n, 0), 0), mask=ok)
+    tl.store(PREFIX + i, tl.zeros_like(i), mask=i == 0)
+    tl.store(ORDER + i, doc, mask=ok)
 
 
 @triton.jit
