@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one command, for a machine with a CUDA GPU (and no network):
 #   bash bench/gpu_check.sh
-# 1. builds the extensions in place (CUDA too when nvcc exists; falls back to an editable pip install),
+# 1. builds the extensions in place (_cuda too when nvcc exists; falls back to _C only, then to pip install -e),
 # 2. runs the GPU tests (pytest -m gpu python_tests),
 # 3. runs the GPU benchmarks (bench_attention.py --gpu-only, bench_rope.py), appending rows to bench/results.csv,
 # 4. copies the new results.csv rows and every log into $OUT when it is set.
@@ -30,6 +30,7 @@ step() {  # step NAME TIMEOUT CMD...
 
 nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || true
 step build 900 env LENGEN_CUDA=AUTO bash scripts/dev_build.sh \
+  || step build_without_cuda_ext 600 env LENGEN_CUDA=OFF bash scripts/dev_build.sh \
   || step build_pip 900 python -m pip install --no-build-isolation --no-deps -e .
 step describe 120 python -c "import json, lengen_fast; print(json.dumps(lengen_fast.backends.describe()))"
 step pytest_gpu "${STEP_TIMEOUT_TESTS:-1200}" python -m pytest -m gpu python_tests -q -p no:cacheprovider

@@ -154,12 +154,13 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, softcap, deterministic, backend = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
     ctx.args = (max_q, max_k, causal, scale, left, right, softcap, deterministic, backend)
 
 
 def _backward(ctx, dout, dlse):
-    # lse is returned for inspection (e.g. merging attention states); it is not differentiable, as in flash-attn.
+    # lse is marked non-differentiable (as in flash-attn), so dlse is always None or zeros.
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, causal, scale, left, right, softcap, deterministic, backend = ctx.args
     dq, dk, dv = _bwd_op(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, left, right, softcap,

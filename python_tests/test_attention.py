@@ -97,6 +97,7 @@ def _check(c: Case, backend="cpu", seed=0, device="cpu"):
     out, lse, dq, dk, dv = got
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (c.H, q.shape[0]) and lse.dtype == torch.float32
+    assert out.requires_grad and not lse.requires_grad                      # lse is not differentiable
     for g_, x in ((dq, q), (dk, k), (dv, v)):
         assert g_.shape == x.shape and g_.dtype == x.dtype
     for name, g_, t_, e_ in zip(("out", "lse", "dq", "dk", "dv"), got, truth, eager):
