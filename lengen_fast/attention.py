@@ -53,16 +53,27 @@ def attention_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def attention_bwd_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                       softmax_scale, window_left, window_right, softcap, deterministic):
-    """C++ backward; always deterministic (each output element is reduced by one thread in a fixed order)."""
+    """C++ backward; always deterministic (each output element is reduced by one thread in a fixed order).
+
+    fp16/bf16: dS = P * (dP - rowsum(dO * O)) needs O at fp32 precision. The saved 16-bit `out` carries a
+    rounding of 2^-9 |O| into every dS of its row (hypothesis found 3x eager's error on tiny docs), so the
+    backward runs in fp32 on an fp32 recompute of the forward, and the gradients are rounded once at the end.
+    """
+    if q.dtype != torch.float32:
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        out32, _ = attention_fwd_cpu(q32, k32, v32, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     softmax_scale, window_left, window_right, softcap)
+        grads = attention_bwd_cpu(dout.float(), q32, k32, v32, out32, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, causal, softmax_scale, window_left, window_right, softcap, deterministic)
+        return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     lse = lse.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.empty(k.shape, dtype=k.dtype)
     dv = torch.empty(v.shape, dtype=v.dtype)
-    delta = torch.empty(2, q.shape[1], q.shape[0], dtype=torch.float32)                # (2, H, Tq) rowsum(dO*O) hi, lo
     backends.cpu_ext().attention_bwd_cpu(
         dout.data_ptr(), dout.stride(), q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(),
-        out.data_ptr(), out.stride(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+        out.data_ptr(), out.stride(), lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
         *_cpu_problem(q, k, cu_q, cu_k, causal, softmax_scale, window_left, window_right, softcap))
     return dq, dk, dv
 

@@ -44,7 +44,7 @@ void register_attention(py::module_& m) {
   m.def(
       "attention_bwd_cpu",
       [](uintptr_t dout, py::tuple sdo, uintptr_t q, py::tuple sq, uintptr_t k, py::tuple sk, uintptr_t v,
-         py::tuple sv, uintptr_t out, py::tuple so, uintptr_t lse, uintptr_t delta, uintptr_t dq, uintptr_t dk,
+         py::tuple sv, uintptr_t out, py::tuple so, uintptr_t lse, uintptr_t dq, uintptr_t dk,
          uintptr_t dv, uintptr_t cu_q, uintptr_t cu_k, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Hkv,
          int64_t D, int dtype, bool causal, double scale, int64_t left, int64_t right, double softcap) {
         const Problem p = make_problem(cu_q, cu_k, B, Tq, Tk, H, Hkv, D, dtype, causal, scale, left, right, softcap);
@@ -52,9 +52,9 @@ void register_attention(py::module_& m) {
         py::gil_scoped_release nogil;
         lf::attn::backward(p, lf::as_ptr<const void>(dout), a, lf::as_ptr<const void>(q), b, lf::as_ptr<const void>(k),
                            c, lf::as_ptr<const void>(v), d, lf::as_ptr<const void>(out), e,
-                           lf::as_ptr<const float>(lse), lf::as_ptr<float>(delta), lf::as_ptr<void>(dq),
+                           lf::as_ptr<const float>(lse), lf::as_ptr<void>(dq),
                            lf::as_ptr<void>(dk), lf::as_ptr<void>(dv));
       },
-      "Varlen attention backward: dq (Tq, H, D), dk / dv (Tk, Hkv, D) contiguous; delta (2, H, Tq) fp32 scratch. "
+      "Varlen attention backward: dq (Tq, H, D), dk / dv (Tk, Hkv, D) contiguous. "
       "Deterministic.");
 }

@@ -88,6 +88,49 @@ void mm_nt(const float* A, int lda, const float* Bt, float* C, int R, int D) {
   }
 }
 
+// dP - delta without cancellation: C[r][c] = sum_d A[r][d] * Bt[d][c] - delta, with delta = rowsum(dO * O) folded in
+// per element as a difference of values (dP_ij - delta_i = sum_d dO_id (V_jd - O_id)). Computing dP and delta
+// separately leaves fp32 rounding of |dO||V| in every dS, even where the true dS is 0 (one visible key).
+// SUB_ROWS: subtract O[r][d] (rows of A's side; pass 2: A = dO, Bt = V^T, O (R, lda)).
+// otherwise: subtract Ot[d][c] from A (pass 1: A = V, Bt = dO^T, Ot = O^T (D, LDT)).
+template <int NV, bool SUB_ROWS>
+void mm_nt_dpdelta(const float* A, int lda, const float* Bt, const float* O, float* C, int R, int D) {
+  for (int r = 0; r < R; r += 4) {
+    vf acc[4][NV];
+    for (int i = 0; i < 4; ++i)
+      for (int v = 0; v < NV; ++v) acc[i][v] = vf{};
+    const float* a = A + static_cast<int64_t>(r) * lda;
+    const float* o = O + static_cast<int64_t>(r) * lda;
+    for (int d = 0; d < D; ++d) {
+      vf b[NV], ot[NV];
+      for (int v = 0; v < NV; ++v) b[v] = vload(Bt + d * LDT + VW * v);
+      if (!SUB_ROWS)
+        for (int v = 0; v < NV; ++v) ot[v] = vload(O + d * LDT + VW * v);
+      for (int i = 0; i < 4; ++i) {
+        const float s = a[i * lda + d];
+        if (SUB_ROWS) {
+          const vf os = splat(o[i * lda + d]);
+          for (int v = 0; v < NV; ++v) acc[i][v] += s * (b[v] - os);
+        } else {
+          for (int v = 0; v < NV; ++v) acc[i][v] += (splat(s) - ot[v]) * b[v];
+        }
+      }
+    }
+    for (int i = 0; i < 4; ++i)
+      for (int v = 0; v < NV; ++v) vstore(C + (r + i) * LDT + VW * v, acc[i][v]);
+  }
+}
+
+template <bool SUB_ROWS>
+void mm_nt_dpdelta_cols(int ncols, const float* A, int lda, const float* Bt, const float* O, float* C, int R, int D) {
+  switch ((ncols + VW - 1) / VW) {
+    case 1: mm_nt_dpdelta<1, SUB_ROWS>(A, lda, Bt, O, C, R, D); break;
+    case 2: mm_nt_dpdelta<2, SUB_ROWS>(A, lda, Bt, O, C, R, D); break;
+    case 3: mm_nt_dpdelta<3, SUB_ROWS>(A, lda, Bt, O, C, R, D); break;
+    default: mm_nt_dpdelta<4, SUB_ROWS>(A, lda, Bt, O, C, R, D); break;
+  }
+}
+
 void mm_nt_cols(int ncols, const float* A, int lda, const float* Bt, float* C, int R, int D) {
   switch ((ncols + VW - 1) / VW) {
     case 1: mm_nt<1>(A, lda, Bt, C, R, D); break;
@@ -405,13 +448,13 @@ void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Stride
 }
 
 // ================================================================================================ backward
-// Pass 1, per (doc, head, q tile): delta = rowsum(dO * O) (double, stored as hi + lo) and dq = scale * sum_j dS K, with S^T and dP^T built
+// Pass 1, per (doc, head, q tile): dq = scale * sum_j dS K, with S^T and (dP - delta)^T built
 // against Q^T and dO^T (transposed once per unit). Pass 2, per (doc, kv head, key tile): dk, dv summed over the
 // group's query heads and the visible q tiles, with S and dP built against K^T and V^T (transposed once per unit).
 // With softcap, s = cap * tanh(s_raw / cap) and dS_raw = dS * (1 - tanh^2).
 
 void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, Strides3 sq, const void* k,
-              Strides3 sk, const void* v, Strides3 sv, const void* out, Strides3 so, const float* lse, float* delta,
+              Strides3 sk, const void* v, Strides3 sv, const void* out, Strides3 so, const float* lse,
               void* dq, void* dk, void* dv) {
   const std::vector<Doc> docs = make_docs(p);
   const int D = static_cast<int>(p.D), Dp = (D + VW - 1) / VW * VW;
@@ -427,8 +470,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
   const std::vector<Unit> qu = q_units(docs, H);
 #pragma omp parallel
   {
-    Scratch sc(static_cast<size_t>(BQ) * Dp * 3 + static_cast<size_t>(BK) * Dp * 2 + 2 * Dp * LDT + BK * LDT * 3 +
-               3 * LDT + Dp);
+    Scratch sc(static_cast<size_t>(BQ) * Dp * 4 + static_cast<size_t>(BK) * Dp * 2 + 3 * Dp * LDT + BK * LDT * 3 + LDT);
     float* Qr = sc.take(BQ * Dp);    // (BQ, Dp) q * scale
     float* dOr = sc.take(BQ * Dp);   // (BQ, Dp) dout
     float* dQ = sc.take(BQ * Dp);    // (BQ, Dp) accumulator
@@ -437,12 +479,11 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
     float* Qt = sc.take(Dp * LDT);   // (Dp, BQ) q * scale, transposed
     float* dOt = sc.take(Dp * LDT);  // (Dp, BQ) dout, transposed
     float* ST = sc.take(BK * LDT);   // (BK, BQ) S^T -> dS^T
-    float* dPT = sc.take(BK * LDT);  // (BK, BQ) V dO^T
+    float* dPT = sc.take(BK * LDT);  // (BK, BQ) (dP - delta)^T
     float* T = sc.take(BK * LDT);    // (BK, BQ) tanh(s / cap)
     float* L = sc.take(LDT);         // (BQ,) lse
-    float* Dl = sc.take(LDT);        // (BQ,) delta, high part
-    float* Dlo = sc.take(LDT);       // (BQ,) delta, low part
-    float* orow = sc.take(Dp);
+    float* Or = sc.take(BQ * Dp);    // (BQ, Dp) out
+    float* Ot = sc.take(Dp * LDT);   // (Dp, BQ) out, transposed
 
 #pragma omp for schedule(dynamic, 1)
     for (size_t ui = 0; ui < qu.size(); ++ui) {
@@ -456,28 +497,16 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
       transpose(dOr, nq, D, Dp, dOt);
       std::fill(dQ, dQ + static_cast<int64_t>(R) * Dp, 0.0f);
       std::fill(L, L + LDT, kInf);
-      std::fill(Dl, Dl + LDT, 0.0f);
-      std::fill(Dlo, Dlo + LDT, 0.0f);
-      for (int r = 0; r < nq; ++r) {
-        const int64_t t = d.q0 + i0 + r;
-        load_vec(Out.ptr, p.dtype, Out.off(t, h), Out.s.s2, D, 1.0f, orow, 1);
-        // delta in double, kept as hi + lo floats: dP - delta cancels, and an fp32 sum over D would leave an
-        // error of a few ulps of |dP| in every dS of the row
-        double acc = 0.0;
-        for (int c = 0; c < D; ++c) acc += static_cast<double>(dOr[r * Dp + c]) * orow[c];
-        Dl[r] = static_cast<float>(acc);
-        Dlo[r] = static_cast<float>(acc - Dl[r]);
-        delta[h * Tq + t] = Dl[r];
-        delta[H * Tq + h * Tq + t] = Dlo[r];
-        L[r] = lse[h * Tq + t];
-      }
+      load_rows(Out, p.dtype, d.q0 + i0, h, nq, D, Dp, 1.0f, Or);
+      transpose(Or, nq, D, Dp, Ot);
+      for (int r = 0; r < nq; ++r) L[r] = lse[h * Tq + d.q0 + i0 + r];
       const int64_t kmin = d.lo(i0), kmax = d.hi(i0 + nq - 1);
       for (int64_t j0 = kmin / BK * BK; kmin <= kmax && j0 <= kmax; j0 += BK) {
         const int nk = static_cast<int>(std::min<int64_t>(BK, d.sk - j0));
         load_rows(K, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Kr);
         load_rows(V, p.dtype, d.k0 + j0, hk, nk, D, Dp, 1.0f, Vr);
         mm_nt_cols(nq, Kr, Dp, Qt, ST, round4(nk), D);
-        mm_nt_cols(nq, Vr, Dp, dOt, dPT, round4(nk), D);
+        mm_nt_dpdelta_cols<false>(nq, Vr, Dp, dOt, Ot, dPT, round4(nk), D);
         const bool full = d.lo(i0 + nq - 1) <= j0 && d.hi(i0) >= j0 + nk - 1;
         for (int r = 0; r < nk; ++r) {
           float* s = ST + r * LDT;
@@ -488,7 +517,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
               if (!d.visible(i0 + c, j0 + r)) s[c] = -kInf;
           for (int c = 0; c < nq; c += VW) {
             const vf pr = vexp(vload(s + c) - vload(L + c));  // lse = +inf (empty row) -> 0
-            vf ds = pr * ((vload(dPT + r * LDT + c) - vload(Dl + c)) - vload(Dlo + c));
+            vf ds = pr * vload(dPT + r * LDT + c);
             if (cap > 0) {
               const vf th = vload(t + c);
               ds = ds * (splat(1.0f) - th * th);
@@ -506,17 +535,18 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
   const std::vector<Unit> ku = k_units(docs, Hkv, group);
 #pragma omp parallel
   {
-    Scratch sc(static_cast<size_t>(BK) * Dp * 4 + static_cast<size_t>(BQ) * Dp * 2 + 2 * Dp * LDT + BQ * LDT * 3);
+    Scratch sc(static_cast<size_t>(BK) * Dp * 4 + static_cast<size_t>(BQ) * Dp * 3 + 2 * Dp * LDT + BQ * LDT * 3);
     float* Kr = sc.take(BK * Dp);    // (BK, Dp) keys
     float* Vr = sc.take(BK * Dp);    // (BK, Dp) values
     float* dK = sc.take(BK * Dp);    // (BK, Dp) accumulator
     float* dV = sc.take(BK * Dp);    // (BK, Dp) accumulator
     float* Qr = sc.take(BQ * Dp);    // (BQ, Dp) q * scale
     float* dOr = sc.take(BQ * Dp);   // (BQ, Dp) dout
+    float* Or = sc.take(BQ * Dp);    // (BQ, Dp) out
     float* Kt = sc.take(Dp * LDT);   // (Dp, BK) keys, transposed
     float* Vt = sc.take(Dp * LDT);   // (Dp, BK) values, transposed
     float* S = sc.take(BQ * LDT);    // (BQ, BK) S -> P
-    float* dP = sc.take(BQ * LDT);   // (BQ, BK) dO V^T -> dS
+    float* dP = sc.take(BQ * LDT);   // (BQ, BK) dP - delta -> dS
     float* T = sc.take(BQ * LDT);    // (BQ, BK) tanh(s / cap)
 
 #pragma omp for schedule(dynamic, 1)
@@ -538,12 +568,13 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
           const int nq = static_cast<int>(std::min<int64_t>(BQ, d.sq - i0));
           load_rows(Q, p.dtype, d.q0 + i0, h, nq, D, Dp, p.scale, Qr);
           load_rows(dO, p.dtype, d.q0 + i0, h, nq, D, Dp, 1.0f, dOr);
+          load_rows(Out, p.dtype, d.q0 + i0, h, nq, D, Dp, 1.0f, Or);
           mm_nt_cols(nk, Qr, Dp, Kt, S, round4(nq), D);
-          mm_nt_cols(nk, dOr, Dp, Vt, dP, round4(nq), D);
+          mm_nt_dpdelta_cols<true>(nk, dOr, Dp, Vt, Or, dP, round4(nq), D);
           const bool full = d.lo(i0 + nq - 1) <= j0 && d.hi(i0) >= j0 + nk - 1;
           for (int r = 0; r < nq; ++r) {
             const int64_t t = d.q0 + i0 + r;
-            const float Lr = lse[h * Tq + t], Dr = delta[h * Tq + t], Drlo = delta[H * Tq + h * Tq + t];
+            const float Lr = lse[h * Tq + t];
             float* s = S + r * LDT;
             float* tt = T + r * LDT;
             if (cap > 0) softcap_row(s, nk, cap, tt);
@@ -552,7 +583,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
                 if (!d.visible(i0 + r, j0 + c)) s[c] = -kInf;
             for (int c = 0; c < nk; c += VW) {
               const vf pr = vexp(vload(s + c) - splat(Lr));
-              vf ds = pr * ((vload(dP + r * LDT + c) - splat(Dr)) - splat(Drlo));
+              vf ds = pr * vload(dP + r * LDT + c);
               if (cap > 0) {
                 const vf th = vload(tt + c);
                 ds = ds * (splat(1.0f) - th * th);
