@@ -1,0 +1,141 @@
+// Dataset decomposition (Pouransari et al. 2024): every document of length L is cut into
+// L / max_len pieces of max_len, then one piece per set bit of L % max_len (largest first).
+// Bits below min_len are dropped or kept as one remainder piece.
+// Two passes over the documents: count pieces per (thread, bucket), then fill, so each
+// bucket keeps document order and threads never share output ranges.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common/checks.h"
+
+namespace py = pybind11;
+
+namespace {
+
+inline int ilog2(int64_t x) { return 63 - __builtin_clzll(static_cast<uint64_t>(x)); }
+
+}  // namespace
+
+// lengths: (N,) int64. Returns (doc_arrays, start_arrays, rem_doc, rem_start, rem_len, dropped_tokens,
+// dropped_pieces) with one (doc, start) int64 array pair per bucket k (piece length min_len << k).
+py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64_t min_len,
+                         int64_t max_len, bool remainder) {
+  LF_CHECK(min_len >= 1 && (min_len & (min_len - 1)) == 0, "min_len must be a power of two, got " << min_len);
+  LF_CHECK(max_len >= 1 && (max_len & (max_len - 1)) == 0, "max_len must be a power of two, got " << max_len);
+  LF_CHECK(min_len <= max_len, "min_len (" << min_len << ") must be <= max_len (" << max_len << ")");
+  const int64_t n = lengths.shape(0);
+  const int64_t* L = lengths.data();
+  const int lmin = ilog2(min_len), lmax = ilog2(max_len);
+  const int K = lmax - lmin + 1;  // buckets; index K is the remainder bucket
+  const int64_t low_mask = min_len - 1, rem_mask = max_len - 1;
+  int nt = 1;
+#ifdef _OPENMP
+  nt = omp_get_max_threads();
+  if (n < 100000) nt = 1;
+#endif
+  // counts[t * (K + 1) + k]: pieces of bucket k found by thread t; then exclusive offsets.
+  std::vector<int64_t> counts(static_cast<size_t>(nt) * (K + 1), 0);
+  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0);
+  bool bad = false;
+#pragma omp parallel num_threads(nt)
+  {
+    int t = 0;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+#endif
+    const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+    int64_t* c = &counts[static_cast<size_t>(t) * (K + 1)];
+    int64_t dt = 0, dp = 0;
+    bool b = false;
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t l = L[i];
+      if (l < 0) { b = true; continue; }
+      c[K - 1] += l >> lmax;
+      const uint64_t r = static_cast<uint64_t>(l & rem_mask);
+      for (uint64_t bits = r >> lmin; bits; bits &= bits - 1) c[__builtin_ctzll(bits)] += 1;
+      const int64_t low = l & low_mask;
+      if (low) {
+        if (remainder) c[K] += 1; else { dt += low; dp += 1; }
+      }
+    }
+    dtok[t] = dt; dpieces[t] = dp;
+    if (b) {
+#pragma omp critical
+      bad = true;
+    }
+  }
+  LF_CHECK(!bad, "lengths must be non-negative");
+  std::vector<int64_t> total(K + 1, 0);
+  for (int k = 0; k <= K; ++k) {
+    int64_t run = 0;
+    for (int t = 0; t < nt; ++t) {
+      int64_t v = counts[static_cast<size_t>(t) * (K + 1) + k];
+      counts[static_cast<size_t>(t) * (K + 1) + k] = run;
+      run += v;
+    }
+    total[k] = run;
+  }
+  std::vector<py::array_t<int64_t>> docs, starts;
+  std::vector<int64_t*> dptr(K + 1), sptr(K + 1);
+  for (int k = 0; k <= K; ++k) {
+    docs.emplace_back(total[k]);
+    starts.emplace_back(total[k]);
+    dptr[k] = docs[k].mutable_data();
+    sptr[k] = starts[k].mutable_data();
+  }
+  py::array_t<int64_t> rem_len(total[K]);
+  int64_t* rl = rem_len.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(nt)
+    {
+      int t = 0;
+#ifdef _OPENMP
+      t = omp_get_thread_num();
+#endif
+      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+      std::vector<int64_t> pos(counts.begin() + static_cast<size_t>(t) * (K + 1),
+                               counts.begin() + static_cast<size_t>(t + 1) * (K + 1));
+      int64_t* d_top = dptr[K - 1];
+      int64_t* s_top = sptr[K - 1];
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t l = L[i];
+        const int64_t q = l >> lmax;
+        for (int64_t j = 0; j < q; ++j) {
+          d_top[pos[K - 1]] = i;
+          s_top[pos[K - 1]++] = j << lmax;
+        }
+        const int64_t base = q << lmax;
+        const int64_t r = l & rem_mask;
+        // Largest bit first: the piece for bit k starts after the higher bits of r.
+        for (int k = lmax - 1; k >= lmin; --k) {
+          if ((r >> k) & 1) {
+            const int b = k - lmin;
+            dptr[b][pos[b]] = i;
+            sptr[b][pos[b]++] = base + ((r >> (k + 1)) << (k + 1));
+          }
+        }
+        const int64_t low = l & low_mask;
+        if (low && remainder) {
+          dptr[K][pos[K]] = i;
+          sptr[K][pos[K]] = base + (r - low);
+          rl[pos[K]++] = low;
+        }
+      }
+    }
+  }
+  py::list dl, sl;
+  for (int k = 0; k < K; ++k) {
+    dl.append(docs[k]);
+    sl.append(starts[k]);
+  }
+  int64_t dt = 0, dp = 0;
+  for (int t = 0; t < nt; ++t) { dt += dtok[t]; dp += dpieces[t]; }
+  return py::make_tuple(dl, sl, docs[K], starts[K], rem_len, dt, dp);
+}
