@@ -44,6 +44,9 @@ def plan(cfg: RunConfig) -> dict:
     ext_tc = replace(tc, train_max_len=round(ex.factor * tc.train_max_len))
     ext_seq = next_pow2(max(max_train_doc_tokens(ext_tc), seq_len)) if ex.extend else seq_len
     validate(cfg, doc_max_tokens=max(seq_len, ext_seq))
+    if ex.extend:
+        for kind in ex.scalings:
+            make_scaling(kind, ex.factor, seq_len)
     if tr.seq_len and tr.seq_len < doc_max and "concat_chunk" not in tr.strategies:
         raise ValueError(f"seq_len={tr.seq_len} is shorter than the longest training document ({doc_max} tokens)")
     if cfg.resume:  # resumable runs: the strategies' and the extension's pretrained base
@@ -87,7 +90,8 @@ def table_for(cfg: RunConfig, tc, strategy: str, seed: int, text):
 
 
 def boundary_docs(cfg: RunConfig, seed: int, text, count: int = 48):
-    """Held-out documents at training sizes for the loss-vs-boundary-distance comparison."""
+    """Fresh documents from the training distribution for the loss-vs-boundary-distance comparison
+    (a loss diagnostic, not a generalization score: small sizes have too few prompts to hold out)."""
     tc = cfg.task
     rng = np.random.default_rng(seed + 7)
     docs, masks = [], []
@@ -99,7 +103,7 @@ def boundary_docs(cfg: RunConfig, seed: int, text, count: int = 48):
                 masks.append(np.ones(len(d), np.uint8))
             continue
         for _ in range(count):
-            d, m = make_example(t, int(rng.integers(tc.train_min_len, tc.train_max_len + 1)), rng, tc, "eval")
+            d, m = make_example(t, int(rng.integers(tc.train_min_len, tc.train_max_len + 1)), rng, tc, "train")
             docs.append(d)
             masks.append(m)
     order = rng.permutation(len(docs))

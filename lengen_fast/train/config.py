@@ -175,8 +175,9 @@ def validate(cfg: RunConfig, doc_max_tokens: int | None = None) -> None:
     if t.train_examples < 1 or t.eval_examples < 1:
         raise ValueError("train_examples and eval_examples must be >= 1")
     if doc_max_tokens is not None and tr.tokens_per_batch < doc_max_tokens:
-        raise ValueError(f"tokens_per_batch={tr.tokens_per_batch} is smaller than the maximum training "
-                         f"document length {doc_max_tokens} tokens; raise tokens_per_batch")
+        raise ValueError(f"tokens_per_batch={tr.tokens_per_batch} is smaller than the maximum training length "
+                         f"({doc_max_tokens} tokens: the longest training document, or extension fine-tune "
+                         "document, rounded up to a power of two); raise tokens_per_batch")
     if tr.steps < 1 or tr.eval_every < 1:
         raise ValueError("steps and eval_every must be >= 1")
     if not 0 <= tr.early_stop_drop < 1:

@@ -174,7 +174,8 @@ class Trainer:
         self.stopper.load_state_dict(ck["stopper"])
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, progress: bool = True, desc: str = "") -> "Trainer":
+    def fit(self, progress: bool = True, desc: str = "", until: int | None = None) -> "Trainer":
+        """Train to ``self.steps`` (or to step ``until``), unless early stopping fires first."""
         from tqdm.auto import tqdm
 
         tr, model = self.cfg.train, self.model
@@ -182,7 +183,8 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=self.step, desc=desc or f"{self.strategy} s{self.seed}",
                    disable=not progress, dynamic_ncols=True, leave=False)
         batches = iter(self.loader)
-        while self.step < self.steps and self.stopper.stopped_at is None:
+        last = self.steps if until is None else min(until, self.steps)
+        while self.step < last and self.stopper.stopped_at is None:
             t0 = time.perf_counter()
             batch = next(batches)
             tokens, cu, max_seqlen, positions, labels = model_inputs(batch, self.strategy, self.gen,
