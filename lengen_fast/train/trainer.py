@@ -122,7 +122,7 @@ class Trainer:
         self.loader = make_loader(table, strategy, cfg, seed, max_len)
         self.gen = torch.Generator().manual_seed(seed + 1)
         tr = cfg.train
-        self.stopper = EarlyStopper(tr.early_stop_drop, tr.early_stop_min_best, tr.early_stop)
+        self.stopper = EarlyStopper(tr.early_stop_drop, tr.early_stop_min_best, tr.early_stop, tr.early_stop_patience)
         self.step, self.tokens, self.train_time, self.flops = 0, 0, 0.0, 0.0
         self.losses: list[float] = []
         self.history: list[dict] = []
