@@ -100,7 +100,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     extension: ExtensionConfig = field(default_factory=ExtensionConfig)
-    out: str = "lengen_runs/default"
+    out: str = "runs/lengen-train"
     resume: str = ""
     progress: bool = True
 
