@@ -130,12 +130,11 @@ def verdicts(report: dict) -> list[str]:
 
 def retrieval_synthesis(report: dict) -> str:
     lens = _lengths(report)
-    groups = {"retrieval (" + ", ".join(RETRIEVAL) + ")": RETRIEVAL,
-              "synthesis (" + ", ".join(SYNTHESIS) + ")": SYNTHESIS}
     lines = ["| kind | strategy | " + " | ".join(f"{_mult(report, n)}" for n in lens) + " |",
              "|---|---|" + "---|" * len(lens)]
-    for name, tasks in groups.items():
+    for kind, tasks in (("retrieval", RETRIEVAL), ("synthesis", SYNTHESIS)):
         present = [t for t in tasks if t in report["config"]["task"]["tasks"]]
+        name = f"{kind} ({', '.join(present or tasks)})"
         if not present:
             lines.append(f"| {name} | (no such task in this run) |" + " |" * len(lens))
             continue
