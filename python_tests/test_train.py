@@ -113,7 +113,7 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, docs, wrong, vocab):
         super().__init__()
-        self.docs = {tuple(d): i for i, d in enumerate(docs.tolist())}
+        self.docs = {tuple(int(t) for t in d): i for i, d in enumerate(docs)}
         self.wrong, self.vocab = wrong, vocab
 
     def forward(self, tokens, cu, max_seqlen, positions):
@@ -257,7 +257,10 @@ def bad(tmp_path, **kw):
     ({"model__pos_encoding": "alibi"}, "unknown pos_encoding"),
     ({"extension__extend": True, "extension__scalings": ["longrope2"]}, "unknown rope scaling"),
     ({"task__alphabet": 8}, "copy_unique at eval length 24 needs alphabet"),
-    ({"model__max_positions": 16}, "max_positions=16 is too small"),
+    ({"model__pos_encoding": "learned", "model__max_positions": 16}, "max_positions=16 is too small"),
+    ({"train__seq_len": 8}, "seq_len=8 is shorter than the longest training document"),
+    ({"train__seq_len": 24}, "seq_len=24 must be a power of two for vsl"),
+    ({"train__early_stop_drop": 1.5}, "early_stop_drop must be in"),
 ])
 def test_bad_config_raises_before_training(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -359,3 +362,16 @@ def test_text_from_the_embedded_corpus(tmp_path):
     from lengen_fast.train.evaluate import loss_by_position
     losses = loss_by_position(model, ev, [0, L, 2 * L, 4 * L - 1])
     assert len(losses) == 3 and all(4.0 < x < 7.0 for x in losses)  # untrained: about log(vocab)
+
+
+def test_ood_score_ignores_unlearned_tasks_and_corrects_for_guessing():
+    cfg = TaskConfig(tasks=["majority", "reverse"], eval_examples=8)
+    sets = [T.eval_set(t, n, cfg, 0, "val") for t in cfg.tasks for n in (4, 8)]
+    # an oracle right everywhere except reverse at n=4 (ID): reverse is not learned and counts 0
+    docs = [d for es in sets for d in es.tokens]
+    wrong = {i for i, d in enumerate(docs) if d[1] == T.TASK_IDS["reverse"] and len(d) == T.doc_tokens("reverse", 4, cfg)}
+    assert len(wrong) == 8
+    from lengen_fast.train.trainer import score
+    res = score(Oracle(docs, wrong, 200), sets, None, 4, [], cfg, learned=0.9)
+    assert res["acc"]["majority"] == {4: 1.0, 8: 1.0} and res["acc"]["reverse"][4] == 0.0
+    assert res["ood_score"] == pytest.approx(0.5)  # (majority 1.0 + reverse 0) / 2

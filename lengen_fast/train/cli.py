@@ -47,8 +47,11 @@ def plan(cfg: RunConfig) -> dict:
     if ex.extend:
         for kind in ex.scalings:
             make_scaling(kind, ex.factor, seq_len)
-    if tr.seq_len and tr.seq_len < doc_max and "concat_chunk" not in tr.strategies:
-        raise ValueError(f"seq_len={tr.seq_len} is shorter than the longest training document ({doc_max} tokens)")
+    if tr.seq_len and tr.seq_len < doc_max and any(s != "concat_chunk" for s in tr.strategies):
+        raise ValueError(f"seq_len={tr.seq_len} is shorter than the longest training document ({doc_max} tokens); "
+                         "only concat_chunk may cut documents")
+    if "vsl" in tr.strategies and seq_len & (seq_len - 1):
+        raise ValueError(f"seq_len={seq_len} must be a power of two for vsl (its largest bucket)")
     if cfg.resume:  # resumable runs: the strategies' and the extension's pretrained base
         for ck in sorted(Path(cfg.out).glob("ckpt/*/last.pt")):
             if ck.parent.name.startswith("extend_base"):

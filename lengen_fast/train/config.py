@@ -28,7 +28,7 @@ class ModelConfig:
     mlp_ratio: int = 4
     tie_embeddings: bool = True
     dropout: float = 0.0
-    pos_encoding: str = "learned"       # rope | nope | learned
+    pos_encoding: str = "rope"          # rope | nope | learned
     rope_base: float = 10000.0
     max_positions: int = 256            # learned table size; must cover eval lengths + offsets
 
@@ -41,7 +41,7 @@ class TaskConfig:
     eval_multiples: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     train_examples: int = 0             # per task (the Arrow table the data pipeline reads); 0 = enough
                                         # that one epoch covers all training steps (no example repeats)
-    eval_examples: int = 128            # per task and eval length, for each of val and test
+    eval_examples: int = 96             # per task and eval length, for each of val and test
     alphabet: int = 64                  # symbols for copy/reverse; copy_unique needs n <= alphabet
     passkey_digits: int = 1             # 1: one content lookup; more digits need induction heads, which a
                                         # 2-layer d=64 model did not form within 400 steps on CPU
@@ -66,11 +66,12 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    pos_offset_max: int = 64            # random per-segment position offset in [0, max] while training
-                                        # (learned positions; RoPE is invariant to a shared offset)
+    pos_offset_max: int = 0             # random per-segment position offset in [0, max] while training;
+                                        # for learned positions (RoPE is invariant to a shared offset)
     eval_every: int = 50
     early_stop_drop: float = 0.05       # stop when the OOD score (chance-corrected validation accuracy
-                                        # beyond train_max_len) falls more than this fraction below its best
+                                        # beyond train_max_len of the tasks learned in distribution, i.e. ID
+                                        # accuracy >= critical_threshold) falls more than this below its best
     early_stop_min_best: float = 0.05   # ... once the best OOD value is at least this (noise floor)
     early_stop_patience: int = 2        # ... for this many validations in a row (exact match on a few
                                         # dozen examples moves by several % from noise alone)

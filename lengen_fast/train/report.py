@@ -220,7 +220,8 @@ def markdown(report: dict) -> str:
           "## Strategies: token efficiency, length generalization, overfitting risk\n",
           "Mean ± std over seeds. FLOPs to target: training FLOPs at the first validation where the task's "
           f"in-distribution accuracy reached {tr['target_acc']}. Overfitting risk: the largest relative drop of the "
-          "validation OOD score (chance-corrected accuracy beyond the training length, the early-stopping metric) "
+          "validation OOD score (the early-stopping metric: accuracy beyond the training length corrected for guessing, "
+          "averaged over tasks, a task counting 0 until its in-distribution accuracy reaches the critical threshold) "
           "after its best step. Critical length: the longest evaluated n with accuracy ≥ "
           f"{tr['critical_threshold']}.\n", main_table(report), "",
           "## What the measurements say\n", *verdicts(report), "",

@@ -82,21 +82,27 @@ class EvalSets:
 
 
 def score(model, sets: list[EvalSet], text: np.ndarray | None, train_max_len: int, text_edges: list[int],
-          task_cfg=None):
+          task_cfg=None, learned: float = 0.9):
     """{"acc": {task: {n: exact}}, "tok_acc", "text_loss": [per bucket], "id", "ood", "ood_score"}.
 
     id / ood: mean exact match at lengths <= / > train_max_len. ood_score (what early stopping
-    watches) corrects each accuracy for guessing, (acc - chance) / (1 - chance) clipped at 0, so that
-    binary tasks flipping between constant answers (0.4 <-> 0.6) do not look like a drop.
+    watches) is the mean over tasks of the OOD accuracy corrected for guessing, (acc - chance) /
+    (1 - chance) clipped at 0, where a task not yet learned in distribution (ID accuracy below
+    ``learned``) counts 0: a binary task flipping between constant answers (0.4 <-> 0.6) is noise,
+    not a drop, and a task that becomes learned only adds to the score.
     """
-    acc, tok, ood_score = {}, {}, []
+    acc, tok = {}, {}
     for es in sets:
         a, t = exact_match(model, es)
         acc.setdefault(es.task, {})[es.n] = a
         tok.setdefault(es.task, {})[es.n] = t
-        if es.n > train_max_len:
-            c = chance(es.task, task_cfg) if task_cfg is not None else 0.0
-            ood_score.append(max(0.0, (a - c) / (1 - c)))
+    ood_score = []
+    for task, d in acc.items():
+        c = chance(task, task_cfg) if task_cfg is not None else 0.0
+        idv = [a for n, a in d.items() if n <= train_max_len]
+        oodv = [max(0.0, (a - c) / (1 - c)) for n, a in d.items() if n > train_max_len]
+        if oodv:
+            ood_score.append(float(np.mean(oodv)) if idv and min(idv) >= learned else 0.0)
     out = {"acc": acc, "tok_acc": tok}
     ids = [v for d in acc.values() for n, v in d.items() if n <= train_max_len]
     oods = [v for d in acc.values() for n, v in d.items() if n > train_max_len]
@@ -149,7 +155,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         res = score(self.model, self.evals.val, self.evals.text_val, self.train_max_len, self.text_edges,
-                    self.cfg.task)
+                    self.cfg.task, self.cfg.train.critical_threshold)
         res.update(step=self.step, flops=self.flops, tokens=self.tokens,
                    loss=float(np.mean(self.losses[-self.cfg.train.eval_every:])) if self.losses else math.nan)
         self.history.append(res)
