@@ -369,7 +369,8 @@ def test_ood_score_ignores_unlearned_tasks_and_corrects_for_guessing():
     sets = [T.eval_set(t, n, cfg, 0, "val") for t in cfg.tasks for n in (4, 8)]
     # an oracle right everywhere except reverse at n=4 (ID): reverse is not learned and counts 0
     docs = [d for es in sets for d in es.tokens]
-    wrong = {i for i, d in enumerate(docs) if d[1] == T.TASK_IDS["reverse"] and len(d) == T.doc_tokens("reverse", 4, cfg)}
+    rev4 = T.doc_tokens("reverse", 4, cfg)
+    wrong = {i for i, d in enumerate(docs) if d[1] == T.TASK_IDS["reverse"] and len(d) == rev4}
     assert len(wrong) == 8
     from lengen_fast.train.trainer import score
     res = score(Oracle(docs, wrong, 200), sets, None, 4, [], cfg, learned=0.9)

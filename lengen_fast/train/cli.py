@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import platform
 import sys
@@ -260,7 +259,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            "threads": torch.get_num_threads(),
+            "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform()}
 

@@ -101,7 +101,7 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     extension: ExtensionConfig = field(default_factory=ExtensionConfig)
-    out: str = "runs/lengen-train"
+    out: str = "runs"                   # parent must exist; "runs/" is git-ignored
     resume: str = ""
     progress: bool = True
 

@@ -40,7 +40,7 @@ def main_table(report: dict) -> str:
             " | ".join(f"acc {_mult(report, n)} (n={n})" for n in lens) +
             " | gap ID−OOD | critical len | overfitting risk | stopped |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    tasks = sorted({r["task"] for r in report["results"]}, key=lambda t: [r["task"] for r in report["results"]].index(t))
+    tasks = list(dict.fromkeys(r["task"] for r in report["results"]))
     for task in tasks:
         for strategy in report["config"]["train"]["strategies"]:
             rs = [r for r in report["results"] if r["task"] == task and r["strategy"] == strategy]
@@ -77,14 +77,19 @@ def verdicts(report: dict) -> list[str]:
     def compare(a, b, claim):
         if a not in strategies or b not in strategies or not ood:
             return
+        thr = cfg["train"]["critical_threshold"]
         for task in tasks:
+            if idn and max(np.mean(_acc(report, x, task, idn[-1])) for x in (a, b)) < thr:
+                out.append(f"- {claim} — {task}: neither learned it in distribution (ID < {thr}), so this run "
+                           "cannot test the claim.")
+                continue
             for n in ood:
                 per = [(np.mean(_acc(report, a, task, n, s)), np.mean(_acc(report, b, task, n, s))) for s in seeds]
                 wins = sum(x > y for x, y in per)
                 losses = sum(x < y for x, y in per)
                 ma, mb = np.mean(_acc(report, a, task, n)), np.mean(_acc(report, b, task, n))
                 if wins == len(seeds):
-                    word = "holds"
+                    word = "holds" + (" (one seed)" if len(seeds) == 1 else f" (all {len(seeds)} seeds)")
                 elif losses == len(seeds):
                     word = "does not hold (the opposite was measured)"
                 elif wins == losses == 0:
@@ -103,7 +108,8 @@ def verdicts(report: dict) -> list[str]:
                            f"task in distribution (ID {i:.2f}), so this run cannot test the claim.")
             else:
                 out.append(f"- concat_chunk collapses beyond the training length — {task}: ID {i:.2f}, mean OOD "
-                           f"{o:.2f}: **{'holds' if o < 0.5 * i else 'does not hold'}** (collapse = OOD below half of ID).")
+                           f"{o:.2f}: **{'holds' if o < 0.5 * i else 'does not hold'}** "
+                           "(collapse = OOD below half of ID).")
     compare("vsl", "concat_chunk", "vsl generalizes further than concat_chunk")
     compare("pack_masked", "pack_naive", "masked packing beats naive packing out of distribution")
     for b in report["boundary"]:
@@ -220,7 +226,8 @@ def markdown(report: dict) -> str:
           "## Strategies: token efficiency, length generalization, overfitting risk\n",
           "Mean ± std over seeds. FLOPs to target: training FLOPs at the first validation where the task's "
           f"in-distribution accuracy reached {tr['target_acc']}. Overfitting risk: the largest relative drop of the "
-          "validation OOD score (the early-stopping metric: accuracy beyond the training length corrected for guessing, "
+          "validation OOD score (the early-stopping metric: accuracy beyond the training length corrected for "
+          "guessing, "
           "averaged over tasks, a task counting 0 until its in-distribution accuracy reaches the critical threshold) "
           "after its best step. Critical length: the longest evaluated n with accuracy ≥ "
           f"{tr['critical_threshold']}.\n", main_table(report), "",
@@ -229,7 +236,8 @@ def markdown(report: dict) -> str:
           "Passkey retrieval only needs to find one span; synthesis tasks must integrate the whole input. "
           "A passkey score is not evidence of long-context understanding.\n", retrieval_synthesis(report), "",
           "## Staged context extension\n",
-          f"A rope model ({c['extension']['ext_strategy']}) pretrained at n ≤ {tc['train_max_len']}, then: no extension; "
+          f"A rope model ({c['extension']['ext_strategy']}) pretrained at n ≤ {tc['train_max_len']}, then: "
+          "no extension; "
           f"RoPE scaling ×{c['extension']['factor']} at evaluation only; scaling plus a brief fine-tune at "
           f"n ≤ {round(c['extension']['factor'] * tc['train_max_len'])}.\n", extension_table(report), "",
           "## Naive vs masked packing: loss by distance from the document start\n",
