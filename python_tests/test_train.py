@@ -6,6 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from lengen_fast.train import cli
 from lengen_fast.train.config import RunConfig, TaskConfig, eval_lengths, load_preset, apply_overrides
@@ -78,6 +79,21 @@ def test_task_answers_and_exact_length(task, scratchpad, hints):
                 k = p.index(T.KEY)
                 assert p[k + 1:k + 1 + cfg.passkey_digits] == a and p[k + 1 + cfg.passkey_digits] == T.KEY
                 assert sum(T.FILL0 <= t < T.FILL0 + T.N_FILL for t in p) == n
+
+
+@settings(max_examples=60, deadline=None)
+@given(task=st.sampled_from(SYNTH), n=st.integers(1, 60), seed=st.integers(0, 2**31), scratch=st.booleans(),
+       hints=st.booleans(), split=st.sampled_from(["train", "eval"]))
+def test_task_lengths_and_splits_fuzzed(task, n, seed, scratch, hints, split):
+    cfg = TaskConfig(alphabet=64, scratchpad=scratch, index_hints=hints, passkey_digits=1 + seed % 5)
+    try:
+        doc, mask = T.make_example(task, n, np.random.default_rng(seed), cfg, split)
+    except ValueError as e:  # e.g. parity n=2 has 4 prompts, none of them in the eval hash class
+        assert "prompt space is too small" in str(e) and n <= 2 and split == "eval"
+        return
+    assert len(doc) == T.doc_tokens(task, n, cfg) and doc.dtype == np.int32 and mask.dtype == np.uint8
+    assert T.is_eval_prompt(task, split_doc := doc[2:int(np.argmax(mask)) - 1].tolist()) == (split == "eval")
+    assert max(split_doc) < T.text_base(cfg) and mask.sum() == len(doc) - int(np.argmax(mask))
 
 
 def test_no_leakage_between_train_and_eval():
