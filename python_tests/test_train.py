@@ -277,6 +277,7 @@ def bad(tmp_path, **kw):
     ({"train__seq_len": 8}, "seq_len=8 is shorter than the longest training document"),
     ({"train__seq_len": 24}, "seq_len=24 must be a power of two for vsl"),
     ({"train__early_stop_drop": 1.5}, "early_stop_drop must be in"),
+    ({"train__attn_backend": "flash"}, "unknown attn_backend 'flash'"),
 ])
 def test_bad_config_raises_before_training(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

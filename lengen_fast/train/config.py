@@ -195,6 +195,8 @@ def validate(cfg: RunConfig, doc_max_tokens: int | None = None) -> None:
         raise ValueError(f"early_stop_patience must be >= 1, got {tr.early_stop_patience}")
     if not 0 <= tr.early_stop_drop < 1:
         raise ValueError(f"early_stop_drop must be in [0, 1), got {tr.early_stop_drop}")
+    if tr.attn_backend not in ("", "cpu", "triton", "cuda", "reference"):
+        raise ValueError(f"unknown attn_backend {tr.attn_backend!r}; choose '', cpu, triton, cuda or reference")
     if not tr.seeds:
         raise ValueError("seeds is empty")
     if ex.extend:
