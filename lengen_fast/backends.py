@@ -20,6 +20,7 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 DEFAULT_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "rope": {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")},
     "attention": {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")},
+    "data": {"cpu": ("cpu", "reference")},
 }
 
 # dtype codes shared with csrc/common/checks.h

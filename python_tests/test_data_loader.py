@@ -159,10 +159,9 @@ def test_epochs_differ_and_prefetch_matches(src):
 
 def _pieces_seen(loader):
     per_step = []
-    for e in range(1):
-        for s in range(len(loader)):
-            b, seq_len, doc, start, length, _ = loader.pieces(e, s)
-            per_step.append((seq_len, list(zip(doc.tolist(), start.tolist(), length.tolist()))))
+    for s in range(len(loader)):  # epoch 0
+        b, seq_len, doc, start, length, _ = loader.pieces(0, s)
+        per_step.append((seq_len, list(zip(doc.tolist(), start.tolist(), length.tolist()))))
     return per_step
 
 
@@ -234,3 +233,18 @@ def test_bad_tokens_at_batch_time():
     loader = PackedLoader(open_tokens(t), cfg(strategy="pack", tokens_per_batch=1024, max_len=1024))
     with pytest.raises(ValueError, match=r"token -5 in document (1|3|5|7|9|11|13|15) is negative"):
         list(loader)
+
+
+def test_recycled_buffers_never_overwrite_live_batches(src):
+    loader = PackedLoader(src, cfg(strategy="pack", prefetch=0))
+    it = iter(loader)
+    first = next(it)
+    view = first.labels[3:40]                 # only a view survives
+    want = view.clone()
+    kept = next(it)
+    kept_ids = kept.input_ids.clone()
+    del first
+    later = [next(it).input_ids.data_ptr() for _ in range(4)]
+    assert torch.equal(view, want)
+    assert torch.equal(kept.input_ids, kept_ids)
+    assert kept.input_ids.data_ptr() not in later

@@ -1,6 +1,5 @@
 """Token sources: every input kind, zero-copy views, loss masks, bad input, RSS of a memory map."""
 import gc
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +32,12 @@ def test_array_types(dtype, large):
     _check(open_tokens(arr), DOCS)
     _check(open_tokens(pa.chunked_array([arr.slice(0, 2), arr.slice(2)])), DOCS)
     _check(open_tokens(pa.table({"input_ids": arr})), DOCS)
+
+
+def test_empty_sources():
+    src = open_tokens(pa.chunked_array([], type=pa.list_(pa.uint16())))
+    assert len(src) == 0 and src.dtype == np.uint16 and src.num_tokens == 0
+    _check(open_tokens(_list_array([[], []], pa.int64())), [[], []])
 
 
 def test_sliced_and_chunked():

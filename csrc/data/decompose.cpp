@@ -6,6 +6,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 #ifdef _OPENMP
@@ -23,7 +24,8 @@ inline int ilog2(int64_t x) { return 63 - __builtin_clzll(static_cast<uint64_t>(
 }  // namespace
 
 // lengths: (N,) int64. Returns (doc_arrays, start_arrays, rem_doc, rem_start, rem_len, dropped_tokens,
-// dropped_pieces) with one (doc, start) int64 array pair per bucket k (piece length min_len << k).
+// dropped_pieces) with one (doc, start) array pair per bucket k (piece length min_len << k), int32
+// when all indices fit, else int64.
 py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64_t min_len,
                          int64_t max_len, bool remainder) {
   LF_CHECK(min_len >= 1 && (min_len & (min_len - 1)) == 0, "min_len must be a power of two, got " << min_len);
@@ -81,61 +83,74 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
     }
     total[k] = run;
   }
-  std::vector<py::array_t<int64_t>> docs, starts;
-  std::vector<int64_t*> dptr(K + 1), sptr(K + 1);
-  for (int k = 0; k <= K; ++k) {
-    docs.emplace_back(total[k]);
-    starts.emplace_back(total[k]);
-    dptr[k] = docs[k].mutable_data();
-    sptr[k] = starts[k].mutable_data();
-  }
-  py::array_t<int64_t> rem_len(total[K]);
-  int64_t* rl = rem_len.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-#pragma omp parallel num_threads(nt)
+  // Index arrays are int32 when every document index and offset fits: half the output bytes,
+  // and writing (page-faulting) the output is most of the cost.
+  int64_t max_len_doc = 0;
+  for (int64_t i = 0; i < n; ++i) max_len_doc = std::max(max_len_doc, L[i]);
+  const bool narrow = n < (int64_t(1) << 31) && max_len_doc < (int64_t(1) << 31);
+  py::list dl, sl;
+  py::object rd, rs, rlen;
+  auto run = [&](auto tag) {
+    using I = decltype(tag);
+    std::vector<py::array_t<I>> docs, starts;
+    std::vector<I*> dptr(K + 1), sptr(K + 1);
+    for (int k = 0; k <= K; ++k) {
+      docs.emplace_back(total[k]);
+      starts.emplace_back(total[k]);
+      dptr[k] = docs[k].mutable_data();
+      sptr[k] = starts[k].mutable_data();
+    }
+    py::array_t<I> rem_len(total[K]);
+    I* rl = rem_len.mutable_data();
     {
-      int t = 0;
+      py::gil_scoped_release nogil;
+#pragma omp parallel num_threads(nt)
+      {
+        int t = 0;
 #ifdef _OPENMP
-      t = omp_get_thread_num();
+        t = omp_get_thread_num();
 #endif
-      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-      std::vector<int64_t> pos(counts.begin() + static_cast<size_t>(t) * (K + 1),
-                               counts.begin() + static_cast<size_t>(t + 1) * (K + 1));
-      int64_t* d_top = dptr[K - 1];
-      int64_t* s_top = sptr[K - 1];
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t l = L[i];
-        const int64_t q = l >> lmax;
-        for (int64_t j = 0; j < q; ++j) {
-          d_top[pos[K - 1]] = i;
-          s_top[pos[K - 1]++] = j << lmax;
-        }
-        const int64_t base = q << lmax;
-        const int64_t r = l & rem_mask;
-        // Largest bit first: the piece for bit k starts after the higher bits of r.
-        for (int k = lmax - 1; k >= lmin; --k) {
-          if ((r >> k) & 1) {
-            const int b = k - lmin;
-            dptr[b][pos[b]] = i;
-            sptr[b][pos[b]++] = base + ((r >> (k + 1)) << (k + 1));
+        const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+        std::vector<int64_t> pos(counts.begin() + static_cast<size_t>(t) * (K + 1),
+                                 counts.begin() + static_cast<size_t>(t + 1) * (K + 1));
+        I* d_top = dptr[K - 1];
+        I* s_top = sptr[K - 1];
+        for (int64_t i = lo; i < hi; ++i) {
+          const int64_t l = L[i];
+          const int64_t q = l >> lmax;
+          for (int64_t j = 0; j < q; ++j) {
+            d_top[pos[K - 1]] = static_cast<I>(i);
+            s_top[pos[K - 1]++] = static_cast<I>(j << lmax);
           }
-        }
-        const int64_t low = l & low_mask;
-        if (low && remainder) {
-          dptr[K][pos[K]] = i;
-          sptr[K][pos[K]] = base + (r - low);
-          rl[pos[K]++] = low;
+          const int64_t base = q << lmax;
+          const int64_t r = l & rem_mask;
+          // Largest bit first: the piece for bit k starts after the higher bits of r.
+          for (int k = lmax - 1; k >= lmin; --k) {
+            if ((r >> k) & 1) {
+              const int b = k - lmin;
+              dptr[b][pos[b]] = static_cast<I>(i);
+              sptr[b][pos[b]++] = static_cast<I>(base + ((r >> (k + 1)) << (k + 1)));
+            }
+          }
+          const int64_t low = l & low_mask;
+          if (low && remainder) {
+            dptr[K][pos[K]] = static_cast<I>(i);
+            sptr[K][pos[K]] = static_cast<I>(base + (r - low));
+            rl[pos[K]++] = static_cast<I>(low);
+          }
         }
       }
     }
-  }
-  py::list dl, sl;
-  for (int k = 0; k < K; ++k) {
-    dl.append(docs[k]);
-    sl.append(starts[k]);
-  }
+    for (int k = 0; k < K; ++k) {
+      dl.append(docs[k]);
+      sl.append(starts[k]);
+    }
+    rd = docs[K];
+    rs = starts[K];
+    rlen = rem_len;
+  };
+  if (narrow) run(int32_t{}); else run(int64_t{});
   int64_t dt = 0, dp = 0;
   for (int t = 0; t < nt; ++t) { dt += dtok[t]; dp += dpieces[t]; }
-  return py::make_tuple(dl, sl, docs[K], starts[K], rem_len, dt, dp);
+  return py::make_tuple(dl, sl, rd, rs, rlen, dt, dp);
 }

@@ -15,6 +15,7 @@ namespace py = pybind11;
 namespace {
 
 enum TokCode : int { kI32 = 0, kI64 = 1, kU16 = 2, kU32 = 3, kU8 = 4 };
+constexpr int64_t kParallelTokens = int64_t(1) << 21;
 
 template <typename T>
 void gather_impl(const uint64_t* doc_addr, const uint64_t* mask_addr, const int64_t* pdoc, const int64_t* pstart,
@@ -22,7 +23,10 @@ void gather_impl(const uint64_t* doc_addr, const uint64_t* mask_addr, const int6
                  int64_t* pos, int64_t N, int64_t ignore_index, int64_t pad_id, int64_t vocab,
                  std::atomic<int64_t>& bad_piece) {
   const int64_t hi_ok = vocab > 0 ? vocab : std::numeric_limits<int64_t>::max();
-#pragma omp parallel for schedule(dynamic, 4)
+  // Threads only for big batches: one core already moves ~10 GB/s here, and a parallel region on
+  // an oversubscribed machine can wait milliseconds for a descheduled thread.
+  const bool par = n_pieces > 1 && offs[n_pieces] >= kParallelTokens;
+#pragma omp parallel for schedule(dynamic, 4) if (par)
   for (int64_t p = 0; p < n_pieces; ++p) {
     const T* src = reinterpret_cast<const T*>(doc_addr[pdoc[p]]) + pstart[p];
     const int64_t n = plen[p], o = offs[p];
@@ -52,7 +56,7 @@ void gather_impl(const uint64_t* doc_addr, const uint64_t* mask_addr, const int6
     }
   }
   const int64_t tail = n_pieces ? offs[n_pieces] : 0;
-#pragma omp parallel for schedule(static) if (N - tail > 65536)
+#pragma omp parallel for schedule(static) if (N - tail >= kParallelTokens)
   for (int64_t t = tail; t < N; ++t) {
     ids[t] = pad_id;
     labels[t] = ignore_index;

@@ -50,8 +50,8 @@ class Decomposition:
 
     min_len: int
     max_len: int
-    docs: list          # per bucket: (n_i,) int64 document index, ascending
-    starts: list        # per bucket: (n_i,) int64 first token of the piece in its document
+    docs: list          # per bucket: (n_i,) document index, ascending (int32 from C++ when it fits, else int64)
+    starts: list        # per bucket: (n_i,) first token of the piece in its document (same dtype)
     rem_doc: np.ndarray | None     # remainder bucket (remainder=True): pieces shorter than min_len
     rem_start: np.ndarray | None
     rem_len: np.ndarray | None
@@ -94,7 +94,8 @@ class Decomposition:
         """Columns doc, start, length (int64): one bucket, or all buckets in order (remainder last)."""
         ids = [bucket] if bucket is not None else list(range(self.num_buckets + (self.rem_doc is not None)))
         parts = [self.bucket(i) for i in ids]
-        cols = [np.concatenate([p[j] for p in parts]) if parts else np.zeros(0, np.int64) for j in range(3)]
+        cols = [np.concatenate([p[j] for p in parts]).astype(np.int64, copy=False) if parts
+                else np.zeros(0, np.int64) for j in range(3)]
         return pa.table({"doc": cols[0], "start": cols[1], "length": cols[2]})
 
     def summary(self) -> dict:

@@ -165,12 +165,15 @@ def concat_chunk(lengths, seq_len: int, *, order: np.ndarray | None = None, drop
     ends = np.cumsum(ls)
     begins = ends - ls
     num_bins = (total // seq_len) if drop_last else -(-total // seq_len)
-    limit = num_bins * seq_len
-    # piece boundaries: document starts plus row boundaries, within [0, limit)
-    cuts = np.union1d(begins[begins < limit], np.arange(0, limit, seq_len, dtype=np.int64))
-    end = min(limit, total)
-    nxt = np.minimum(np.append(cuts[1:], end), end)
-    di = np.searchsorted(ends, cuts, side="right")  # the document containing each cut
-    length = nxt - cuts
-    return Packing(cuts // seq_len, docs[di], cuts - begins[di], length, int(num_bins), seq_len,
-                   int(lengths.sum()), total - int(length.sum()))
+    limit = min(num_bins * seq_len, total)
+    inside = begins < limit
+    docs, begins, ends = docs[inside], begins[inside], np.minimum(ends[inside], limit)
+    # document i covers rows begins_i // seq_len .. (ends_i - 1) // seq_len: one piece per row
+    r0 = begins // seq_len
+    cnt = (ends - 1) // seq_len - r0 + 1
+    di = np.repeat(np.arange(docs.shape[0], dtype=np.int64), cnt)
+    row = r0[di] + np.arange(di.shape[0], dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    lo = np.maximum(begins[di], row * seq_len)
+    hi = np.minimum(ends[di], (row + 1) * seq_len)
+    return Packing(row, docs[di], lo - begins[di], hi - lo, int(num_bins), seq_len, int(lengths.sum()),
+                   total - int((hi - lo).sum()))

@@ -36,14 +36,14 @@ class TokenSource:
     """
 
     def __init__(self, chunks: list, column: str, mask_chunks: list | None = None,
-                 indices: np.ndarray | None = None, vocab_size: int | None = None, owner=None):
+                 indices: np.ndarray | None = None, vocab_size: int | None = None, owner=None,
+                 value_type: pa.DataType = pa.int32()):
         self.column = column
         self.vocab_size = vocab_size
         self._owner = owner  # keeps a memory map / table alive
         self._values: list[np.ndarray] = []
         self._mask_values: list[np.ndarray] = []
         lengths, addrs, chunk_ids, mask_addrs = [], [], [], []
-        value_type = chunks[0].type.value_type if chunks else pa.int32()
         self._tok_code = _TOKEN_TYPES[value_type]
         self.dtype = np.dtype(value_type.to_pandas_dtype())
         row = 0
@@ -123,12 +123,13 @@ class TokenSource:
     # -- batch assembly -------------------------------------------------------------------
     def gather(self, doc: np.ndarray, start: np.ndarray, length: np.ndarray, total: int, *,
                ignore_index: int = -100, pad_id: int = 0, pin_memory: bool = False,
-               backend: str | None = None):
+               backend: str | None = None, out: np.ndarray | None = None):
         """Copy pieces (doc, start, length) back to back into flat (total,) int64 tensors.
 
         Returns (input_ids, labels, position_ids, cu_seqlens int64 numpy). labels[t] is the next
         token inside the same piece, else ignore_index (piece ends, padding, and tokens whose
         loss mask is 0). Positions restart at 0 in every piece. [cu[-1], total) is padding.
+        ``out``: an optional (3, total) int64 array to write into (ids, labels, positions).
         """
         doc = np.ascontiguousarray(doc, dtype=np.int64)
         start = np.ascontiguousarray(start, dtype=np.int64)
@@ -141,10 +142,17 @@ class TokenSource:
             raise ValueError("gather: doc index out of range")
         if doc.size and ((start < 0).any() or (start + length > self.lengths[doc]).any()):
             raise ValueError("gather: a piece (start, length) runs past the end of its document")
-        pin = pin_memory and torch.cuda.is_available()
-        ids = torch.empty(total, dtype=torch.int64, pin_memory=pin)
-        labels = torch.empty(total, dtype=torch.int64, pin_memory=pin)
-        pos = torch.empty(total, dtype=torch.int64, pin_memory=pin)
+        if out is not None:
+            if out.shape != (3, total) or out.dtype != np.int64 or not out.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous (3, {total}) int64 array")
+            ids, labels, pos = torch.from_numpy(out).unbind(0)
+        elif pin_memory and torch.cuda.is_available():  # torch's caching pinned-host allocator
+            ids, labels, pos = (torch.empty(total, dtype=torch.int64, pin_memory=True) for _ in range(3))
+        else:
+            # One (3, total) allocation: numpy maps big arrays fresh with transparent huge pages,
+            # so the page faults of new output memory (which otherwise dominate batch assembly,
+            # as glibc trims and re-faults 4 KiB heap pages) cost a few 2 MiB faults.
+            ids, labels, pos = torch.from_numpy(np.empty((3, total), dtype=np.int64)).unbind(0)
         impl = backends.select("data", torch.device("cpu"), backend, supported=("cpu", "reference"))
         if impl == "cpu":
             bad = backends.cpu_ext().data_gather(
@@ -307,4 +315,4 @@ def open_tokens(source, column: str = "input_ids", *, loss_mask_column: str | No
                 doc += sum(len(x) for x in chunks[:ci])
                 what = "is negative" if bad_val < 0 else f"is >= vocab_size={vocab_size}"
                 raise ValueError(f"column {column!r}: token {bad_val} in document {doc} {what}")
-    return TokenSource(chunks, column, mask_chunks, indices, vocab_size, owner)
+    return TokenSource(chunks, column, mask_chunks, indices, vocab_size, owner, col.type.value_type)

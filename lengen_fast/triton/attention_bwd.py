@@ -1,0 +1,350 @@
+"""Varlen document-masked attention backward (FA2-style recomputation), Triton.
+
+Inputs as the forward plus dout/out (Tq, H, D) and lse (H, Tq). Three launches, no atomics, so the
+gradients are bitwise repeatable (deterministic=True and False give the same result):
+  1. delta (H, Tq) fp32 = rowsum(dout * out);
+  2. dk, dv: one program per (key tile of a document, KV head); it walks the query heads of its
+     GQA group and the query tiles that see the tile in a fixed order, recomputing P from lse;
+  3. dq: one program per (query tile of a document, head), walking the visible key tiles.
+Fully masked tiles are skipped; tail tokens get zero gradients; lse = +inf rows give P = 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_fwd import mask_flags, score_params, scores, visible
+from .attention_sched import (
+    block_d, candidate_configs, dot_precision, pick_config, tanh_f32, tile_lookup, tile_schedule,
+)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+# GQA groups up to this size are unrolled in the dk/dv kernel: that removes the register spills of
+# the runtime loop for MHA and group 2; larger unrolls spill as much (ptxas, sm_90) and compile longer
+MAX_UNROLLED_GROUP = 2
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, sot, soh, sod, sdt, sdh, sdd, sxh, T,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < T)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    r64 = rows.to(tl.int64)
+    o = tl.load(O + h * soh + r64[:, None] * sot + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(DO + h * sdh + r64[:, None] * sdt + offs_d[None, :] * sdd, mask=mask, other=0.0)
+    tl.store(DELTA + h * sxh + r64, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < T)
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n, dmask, MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    if MASK:
+        m = (rows < n)[:, None]
+        if not EVEN_D:
+            m = m & dmask
+        x = tl.load(ptrs, mask=m, other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=dmask, other=0.0)
+    return x
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, step_do, step_l, step_x,
+                lo, hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2, offs_m, dmask,
+                BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Query tiles [lo, hi) step BLOCK_M against one key tile; works on transposed (BN, BM) scores."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_rows(q_ptrs, rows, sq, dmask, MASK, EVEN_D)                       # (BM, D)
+        do = _load_rows(do_ptrs, rows, sq, dmask, MASK, EVEN_D)                     # (BM, D)
+        if MASK:
+            lse2 = tl.load(lse_ptrs, mask=rows < sq, other=float("inf")) * 1.4426950408889634
+            delta = tl.load(delta_ptrs, mask=rows < sq, other=0.0)
+        else:
+            lse2 = tl.load(lse_ptrs) * 1.4426950408889634
+            delta = tl.load(delta_ptrs)
+        sT, mult, tT = scores(k, q, qk_scale2, cap2, SOFTCAP, DOT_PREC)           # (BN, BM)
+        pT = tl.math.exp2(sT * mult - lse2[None, :])                               # lse=+inf -> 0
+        if MASK:
+            vis = visible(rows[None, :], cols[:, None], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
+                & (rows < sq)[None, :]
+            pT = tl.where(vis, pT, 0.0)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                    # (BN, BM)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        q_ptrs += step_q
+        do_ptrs += step_do
+        lse_ptrs += step_l
+        delta_ptrs += step_x
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, h, q0, sqt, sqh, sdt, sdh, slh, slt, sxh, q_off, do_off,
+               start, full_lo, full_hi, hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2, offs_m, dmask,
+               BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Query head h against one key tile: masked [start, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi)."""
+    q_base = Q + q0.to(tl.int64) * sqt + h * sqh + q_off
+    do_base = DO + q0.to(tl.int64) * sdt + h * sdh + do_off
+    l_base = LSE + h * slh + (q0 + offs_m).to(tl.int64) * slt
+    x_base = DELTA + h * sxh + (q0 + offs_m).to(tl.int64)
+    for phase in tl.static_range(3):
+        if phase == 0:
+            p_lo = start
+            p_hi = full_lo
+        elif phase == 1:
+            p_lo = full_lo
+            p_hi = full_hi
+        else:
+            p_lo = full_hi
+            p_hi = hi
+        p64 = p_lo.to(tl.int64)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base + p64 * sqt, do_base + p64 * sdt, l_base + p64 * slt, x_base + p64,
+                             BLOCK_M * sqt, BLOCK_M * sdt, BLOCK_M * slt, BLOCK_M,
+                             p_lo, p_hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2,
+                             offs_m, dmask, BLOCK_M, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["B", "TOTAL_K"])
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
+                   sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd, slh, slt, sxh,
+                   sdkt, sdkh, sdkd, sdvt, sdvh, sdvd,
+                   B, H_KV, GROUP, TOTAL_K, scale, qk_scale2, cap2, win_left, win_right, UNROLL: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                   EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    slot = pid // H_KV
+    hk = pid % H_KV
+    total = tl.load(PREFIX + B)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    if slot >= total:
+        # tail keys at/after cu_k[B]: zero gradients
+        t_rows = (tl.load(CU_K + B) + (slot - total) * BLOCK_N + offs_n).to(tl.int64)
+        t_mask = (t_rows < TOTAL_K)[:, None] & dmask
+        zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        tl.store(DK + hk * sdkh + t_rows[:, None] * sdkt + offs_d[None, :] * sdkd,
+                 zero.to(DK.dtype.element_ty), mask=t_mask)
+        tl.store(DV + hk * sdvh + t_rows[:, None] * sdvt + offs_d[None, :] * sdvd,
+                 zero.to(DV.dtype.element_ty), mask=t_mask)
+    else:
+        doc, tile_n, n_t = tile_lookup(PREFIX, ORDER, slot, B)   # first key tile is the heaviest (causal)
+        q0 = tl.load(CU_Q + doc)
+        sq = tl.load(CU_Q + doc + 1) - q0
+        k0 = tl.load(CU_K + doc)
+        sk = tl.load(CU_K + doc + 1) - k0
+        diff = sk - sq
+        n_lo = tile_n * BLOCK_N
+        n_hi = tl.minimum(n_lo + BLOCK_N, sk) - 1
+        cols = n_lo + offs_n
+        col_ok = cols < sk
+        kmask = col_ok[:, None]
+        if not EVEN_D:
+            kmask = kmask & dmask
+        k_off = (k0 + n_lo).to(tl.int64)
+        k = tl.load(K + k_off * skt + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        v = tl.load(V + k_off * svt + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd, mask=kmask, other=0.0)
+
+        # query rows that see some key of the tile: [lo, hi); that see all of them: [full_lo, full_hi)
+        lo = sq * 0
+        hi = sq
+        full_lo = lo
+        full_hi = (sq // BLOCK_M) * BLOCK_M
+        if HAS_RIGHT:   # j <= i + diff + right  <=>  i >= j - diff - right
+            lo = tl.minimum(tl.maximum(n_lo - diff - win_right, 0), sq)
+            full_lo = tl.cdiv(tl.maximum(n_hi - diff - win_right, 0), BLOCK_M) * BLOCK_M
+        if HAS_LEFT:    # j >= i + diff - left  <=>  i <= j - diff + left
+            hi = tl.minimum(tl.maximum(n_hi - diff + win_left + 1, 0), sq)
+            full_hi = (tl.minimum(tl.maximum(n_lo - diff + win_left + 1, 0), sq) // BLOCK_M) * BLOCK_M
+        start = (lo // BLOCK_M) * BLOCK_M
+        full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
+        full_hi = tl.maximum(full_hi, full_lo)
+
+        q_off = offs_m[:, None] * sqt + offs_d[None, :] * sqd
+        do_off = offs_m[:, None] * sdt + offs_d[None, :] * sdd
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        # the group's query heads in a fixed order; unrolled when small (a runtime loop around the
+        # three pipelined loops costs registers and spills on sm_90), a runtime loop otherwise
+        if UNROLL > 0:
+            for g in tl.static_range(UNROLL):
+                dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, hk * UNROLL + g, q0, sqt, sqh, sdt, sdh, slh,
+                                    slt, sxh, q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff,
+                                    win_left, win_right, qk_scale2, cap2, offs_m, dmask, BLOCK_M,
+                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+        else:
+            for g in range(GROUP):
+                dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, hk * GROUP + g, q0, sqt, sqh, sdt, sdh, slh,
+                                    slt, sxh, q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff,
+                                    win_left, win_right, qk_scale2, cap2, offs_m, dmask, BLOCK_M,
+                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+        dk = dk * scale
+        tl.store(DK + k_off * sdkt + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :] * sdkd,
+                 dk.to(DK.dtype.element_ty), mask=kmask)
+        tl.store(DV + k_off * sdvt + hk * sdvh + offs_n[:, None] * sdvt + offs_d[None, :] * sdvd,
+                 dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, sk, diff,
+              win_left, win_right, qk_scale2, cap2, offs_n, dmask,
+              BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key tiles [lo, hi) step BLOCK_N against one query tile."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_ptrs, cols, sk, dmask, MASK, EVEN_D)                       # (BN, D)
+        v = _load_rows(v_ptrs, cols, sk, dmask, MASK, EVEN_D)
+        s, mult, t = scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)               # (BM, BN)
+        p = tl.math.exp2(s * mult - lse2[:, None])
+        if MASK:
+            vis = visible(rows[:, None], cols[None, :], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
+                & (cols < sk)[None, :]
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        k_ptrs += step_k
+        v_ptrs += step_v
+    return dq
+
+
+@triton.jit(do_not_specialize=["B", "TOTAL_Q"])
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
+                 sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sdt, sdh, sdd, slh, slt, sxh, sdqt, sdqh, sdqd,
+                 B, H, GROUP, TOTAL_Q, scale, qk_scale2, cap2, win_left, win_right,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                 EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    slot = pid // H
+    h = pid % H
+    total = tl.load(PREFIX + B)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    if slot >= total:
+        t_rows = (tl.load(CU_Q + B) + (slot - total) * BLOCK_M + offs_m).to(tl.int64)
+        tl.store(DQ + h * sdqh + t_rows[:, None] * sdqt + offs_d[None, :] * sdqd,
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=(t_rows < TOTAL_Q)[:, None] & dmask)
+    else:
+        doc, t, n_t = tile_lookup(PREFIX, ORDER, slot, B)
+        tile_m = n_t - 1 - t
+        q0 = tl.load(CU_Q + doc)
+        sq = tl.load(CU_Q + doc + 1) - q0
+        k0 = tl.load(CU_K + doc)
+        sk = tl.load(CU_K + doc + 1) - k0
+        diff = sk - sq
+        m_lo = tile_m * BLOCK_M
+        m_hi = tl.minimum(m_lo + BLOCK_M, sq) - 1
+        rows = m_lo + offs_m
+        row_ok = rows < sq
+        qmask = row_ok[:, None]
+        if not EVEN_D:
+            qmask = qmask & dmask
+        r64 = (q0 + m_lo).to(tl.int64)
+        q = tl.load(Q + r64 * sqt + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+        do = tl.load(DO + r64 * sdt + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, mask=qmask, other=0.0)
+        lse2 = tl.load(LSE + h * slh + (r64 + offs_m) * slt, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.load(DELTA + h * sxh + r64 + offs_m, mask=row_ok, other=0.0)
+
+        lo = sq * 0
+        hi = sk
+        full_lo = lo
+        full_hi = (sk // BLOCK_N) * BLOCK_N
+        if HAS_LEFT:
+            lo = tl.maximum(m_lo + diff - win_left, 0)
+            full_lo = tl.cdiv(tl.maximum(m_hi + diff - win_left, 0), BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi = tl.minimum(tl.maximum(m_hi + diff + win_right + 1, 0), sk)
+            full_hi = (tl.minimum(tl.maximum(m_lo + diff + win_right + 1, 0), sk) // BLOCK_N) * BLOCK_N
+        start = (lo // BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
+        full_hi = tl.maximum(full_hi, full_lo)
+
+        hk = h // GROUP
+        k_base = K + k0.to(tl.int64) * skt + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
+        v_base = V + k0.to(tl.int64) * svt + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for phase in tl.static_range(3):
+            if phase == 0:
+                p_lo = start
+                p_hi = full_lo
+            elif phase == 1:
+                p_lo = full_lo
+                p_hi = full_hi
+            else:
+                p_lo = full_hi
+                p_hi = hi
+            p64 = p_lo.to(tl.int64)
+            dq = _dq_inner(dq, q, do, lse2, delta, k_base + p64 * skt, v_base + p64 * svt,
+                           BLOCK_N * skt, BLOCK_N * svt, p_lo, p_hi, rows, sk, diff, win_left, win_right,
+                           qk_scale2, cap2, offs_n, dmask, BLOCK_N, phase != 1, HAS_LEFT, HAS_RIGHT,
+                           SOFTCAP, EVEN_D, DOT_PREC)
+        dq = dq * scale
+        tl.store(DQ + r64 * sdqt + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :] * sdqd,
+                 dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+def attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                         causal, softmax_scale, window_left, window_right, softcap, deterministic):
+    """Returns (dq, dk, dv) shaped and typed like (q, k, v). Always deterministic (no atomics);
+    max_seqlen_q/k are not needed and may be None."""
+    Tq, H, D = q.shape
+    Tk, H_kv, _ = k.shape
+    cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    B = cu_q.numel() - 1
+    group = H // H_kv
+    scale, qk_scale2, cap2 = score_params(D, softmax_scale, softcap)
+    left, right, has_left, has_right = mask_flags(causal, window_left, window_right)
+    BD = block_d(D)
+    flags = dict(HEAD_DIM=D, BLOCK_D=BD, HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0,
+                 EVEN_D=BD == D, DOT_PREC=dot_precision(q.dtype))
+    dq = torch.empty((Tq, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((Tk, H_kv, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((Tk, H_kv, D), dtype=v.dtype, device=v.device)
+    delta = torch.empty((H, Tq), dtype=torch.float32, device=q.device)
+    if Tq > 0 and H > 0:
+        _bwd_delta[(triton.cdiv(Tq, 64), H)](out, dout, delta, *out.stride(), *dout.stride(), delta.stride(0), Tq,
+                                            HEAD_DIM=D, BLOCK_D=BD, BLOCK_T=64)
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), delta.stride(0))
+    tail = (left, right)
+
+    def launch_dkdv(cfg):
+        sched = tile_schedule(cu_k, cu_q, cfg.block_n, Tk)
+        _attn_bwd_dkdv[(sched.n_slots * H_kv,)](
+            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, sched.prefix, sched.order,
+            *common, *dk.stride(), *dv.stride(), B, H_kv, group, Tk, scale, qk_scale2, cap2, *tail,
+            UNROLL=group if group <= MAX_UNROLLED_GROUP else 0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+
+    def launch_dq(cfg):
+        sched = tile_schedule(cu_q, cu_k, cfg.block_m, Tq)
+        _attn_bwd_dq[(sched.n_slots * H,)](
+            q, k, v, dout, lse, delta, dq, cu_q, cu_k, sched.prefix, sched.order,
+            *common, *dq.stride(), B, H, group, Tq, scale, qk_scale2, cap2, *tail,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
+
+    key = (BD, has_left, has_right, softcap > 0, q.dtype, q.device)
+    if Tk > 0 and H_kv > 0:
+        launch_dkdv(pick_config(("bwd_dkdv",) + key, candidate_configs("bwd_dkdv", BD, q.dtype), launch_dkdv))
+    if Tq > 0 and H > 0:
+        launch_dq(pick_config(("bwd_dq",) + key, candidate_configs("bwd_dq", BD, q.dtype), launch_dq))
+    return dq, dk, dv

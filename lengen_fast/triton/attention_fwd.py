@@ -1,0 +1,236 @@
+"""Varlen document-masked attention forward (FA2-style online softmax), Triton.
+
+q: (Tq, H, D); k, v: (Tk, H_kv, D); cu_seqlens_q/k: (B+1,) int32; any strides.
+Returns out (Tq, H, D) in q.dtype and lse (H, Tq) fp32 (natural log; +inf for rows that see no key
+and for tail tokens at/after cu_seqlens_q[-1], whose output is 0). One program = one query tile of
+one document x one head; tiles come from a device-side schedule (attention_sched), heaviest first.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_sched import (
+    block_d, candidate_configs, dot_precision, pick_config, tanh_f32, tile_lookup, tile_schedule,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def scores(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """a @ b^T as (s, mult, t): s * mult is the score in base-2 units, i.e. log2(e) * softmax_scale * a.b
+    (soft-capped). Without softcap s is the raw product and mult = scale * log2(e), so callers fuse
+    the scaling into one FMA (s * mult - m); with softcap mult = 1 and t = tanh (for the chain rule)."""
+    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
+    if SOFTCAP:
+        t = tanh_f32(s * qk_scale2)              # qk_scale2 = scale / cap, cap2 = cap * log2(e)
+        s = cap2 * t
+        mult = 1.0
+    else:
+        t = s                                     # unused
+        mult = qk_scale2                          # qk_scale2 = scale * log2(e)
+    return s, mult, t
+
+
+@triton.jit
+def visible(rows, cols, diff, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Broadcast mask of (rows, cols) index tensors (e.g. (BM, 1) and (1, BN)): query i sees key j iff
+    i + diff - left <= j <= i + diff + right, with diff = s_k - s_q (bottom-right alignment)."""
+    r = rows + diff
+    vis = cols >= 0
+    if HAS_RIGHT:
+        vis = vis & (cols <= r + win_right)
+    if HAS_LEFT:
+        vis = vis & (cols >= r - win_left)
+    return vis
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, sk, diff,
+               win_left, win_right, qk_scale2, cap2, offs_n, offs_d,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key tiles [lo, hi) step BLOCK_N; MASK=False only for tiles fully visible to every row."""
+    dmask = offs_d[None, :] < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            kmask = (cols < sk)[:, None]
+            if not EVEN_D:
+                kmask = kmask & dmask
+            k = tl.load(k_ptrs, mask=kmask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=dmask, other=0.0)
+        s, mult, _ = scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)              # (BM, BN)
+        if MASK:
+            vis = visible(rows[:, None], cols[None, :], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
+                & (cols < sk)[None, :]
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * mult)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * mult)
+            m_use = m_new
+        p = tl.math.exp2(s * mult - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASK:
+            v = tl.load(v_ptrs, mask=kmask, other=0.0)
+        elif EVEN_D:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=dmask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+        k_ptrs += step_k
+        v_ptrs += step_v
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["B", "TOTAL_Q"])
+def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
+              sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod, slh, slt,
+              B, H, GROUP, TOTAL_Q, qk_scale2, cap2, win_left, win_right,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+              EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    slot = pid // H                       # head fastest: heads of one tile (and one KV group) run together
+    h = pid % H
+    total = tl.load(PREFIX + B)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    if slot >= total:
+        # tail tokens at/after cu_q[B]: out 0, lse +inf
+        t_rows = tl.load(CU_Q + B) + (slot - total) * BLOCK_M + offs_m
+        t_ok = t_rows < TOTAL_Q
+        t_rows64 = t_rows.to(tl.int64)
+        o_ptrs = O + h * soh + t_rows64[:, None] * sot + offs_d[None, :] * sod
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty), mask=t_ok[:, None] & dmask)
+        tl.store(LSE + h * slh + t_rows64 * slt, tl.full([BLOCK_M], float("inf"), tl.float32), mask=t_ok)
+    else:
+        doc, t, n_t = tile_lookup(PREFIX, ORDER, slot, B)
+        tile_m = n_t - 1 - t              # last (heaviest under a causal mask) tile first
+        q0 = tl.load(CU_Q + doc)
+        sq = tl.load(CU_Q + doc + 1) - q0
+        k0 = tl.load(CU_K + doc)
+        sk = tl.load(CU_K + doc + 1) - k0
+        diff = sk - sq
+        m_lo = tile_m * BLOCK_M
+        m_hi = tl.minimum(m_lo + BLOCK_M, sq) - 1
+        rows = m_lo + offs_m
+        row_ok = rows < sq
+        hk = h // GROUP
+
+        q_base = Q + (q0 + m_lo).to(tl.int64) * sqt + h * sqh
+        q_ptrs = q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd
+        qmask = row_ok[:, None]
+        if not EVEN_D:
+            qmask = qmask & dmask
+        q = tl.load(q_ptrs, mask=qmask, other=0.0)
+
+        # keys visible to some row of the tile: [lo, hi); fully visible to every row: [full_lo, full_hi)
+        lo = sq * 0
+        hi = sk
+        full_lo = lo
+        full_hi = (sk // BLOCK_N) * BLOCK_N
+        if HAS_LEFT:
+            lo = tl.maximum(m_lo + diff - win_left, 0)
+            full_lo = tl.cdiv(tl.maximum(m_hi + diff - win_left, 0), BLOCK_N) * BLOCK_N
+        if HAS_RIGHT:
+            hi = tl.minimum(tl.maximum(m_hi + diff + win_right + 1, 0), sk)
+            full_hi = (tl.minimum(tl.maximum(m_lo + diff + win_right + 1, 0), sk) // BLOCK_N) * BLOCK_N
+        start = (lo // BLOCK_N) * BLOCK_N
+        full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
+        full_hi = tl.maximum(full_hi, full_lo)
+
+        k_base = K + k0.to(tl.int64) * skt + hk * skh
+        v_base = V + k0.to(tl.int64) * svt + hk * svh
+        k_off = offs_n[:, None] * skt + offs_d[None, :] * skd
+        v_off = offs_n[:, None] * svt + offs_d[None, :] * svd
+        step_k = BLOCK_N * skt
+        step_v = BLOCK_N * svt
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
+                                   k_base + start.to(tl.int64) * skt + k_off, v_base + start.to(tl.int64) * svt + v_off,
+                                   step_k, step_v, start, full_lo, rows, sk, diff, win_left, win_right,
+                                   qk_scale2, cap2, offs_n, offs_d, HEAD_DIM, BLOCK_N, True,
+                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
+                                   k_base + full_lo.to(tl.int64) * skt + k_off,
+                                   v_base + full_lo.to(tl.int64) * svt + v_off,
+                                   step_k, step_v, full_lo, full_hi, rows, sk, diff, win_left, win_right,
+                                   qk_scale2, cap2, offs_n, offs_d, HEAD_DIM, BLOCK_N, False,
+                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
+                                   k_base + full_hi.to(tl.int64) * skt + k_off,
+                                   v_base + full_hi.to(tl.int64) * svt + v_off,
+                                   step_k, step_v, full_hi, hi, rows, sk, diff, win_left, win_right,
+                                   qk_scale2, cap2, offs_n, offs_d, HEAD_DIM, BLOCK_N, True,
+                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+
+        empty = l_i == 0.0                # no visible key: out 0, lse +inf
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        o_ptrs = O + (q0 + m_lo).to(tl.int64) * sot + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=qmask)
+        tl.store(LSE + h * slh + (q0 + rows).to(tl.int64) * slt, lse, mask=row_ok)
+
+
+def score_params(head_dim: int, softmax_scale: float | None, softcap: float) -> tuple[float, float, float]:
+    """(scale, qk_scale2, cap2) as the kernels use them (base-2 softmax)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    if softcap > 0:
+        return scale, scale / softcap, softcap * LOG2E
+    return scale, scale * LOG2E, 0.0
+
+
+def mask_flags(causal: bool, window_left: int, window_right: int) -> tuple[int, int, bool, bool]:
+    """(left, right, HAS_LEFT, HAS_RIGHT); causal means right = 0 (bottom-right aligned)."""
+    right = 0 if causal else window_right
+    return window_left, right, window_left >= 0, right >= 0
+
+
+def attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                         softmax_scale, window_left, window_right, softcap):
+    """max_seqlen_q/k are not needed (the grid comes from shapes) and may be None."""
+    Tq, H, D = q.shape
+    Tk, H_kv, _ = k.shape
+    cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    B = cu_q.numel() - 1
+    scale, qk_scale2, cap2 = score_params(D, softmax_scale, softcap)
+    left, right, has_left, has_right = mask_flags(causal, window_left, window_right)
+    out = torch.empty((Tq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((H, Tq), dtype=torch.float32, device=q.device)
+    BD = block_d(D)
+
+    def launch(cfg):
+        sched = tile_schedule(cu_q, cu_k, cfg.block_m, Tq)
+        _attn_fwd[(sched.n_slots * H,)](
+            q, k, v, out, lse, cu_q, cu_k, sched.prefix, sched.order,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            B, H, H // H_kv, Tq, qk_scale2, cap2, left, right,
+            HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0,
+            EVEN_D=BD == D, DOT_PREC=dot_precision(q.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    if Tq > 0 and H > 0:
+        key = ("fwd", BD, has_left, has_right, softcap > 0, q.dtype, q.device)
+        launch(pick_config(key, candidate_configs("fwd", BD, q.dtype), launch))
+    return out, lse

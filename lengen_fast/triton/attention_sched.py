@@ -1,0 +1,195 @@
+"""Tile scheduling and config choice shared by the varlen attention kernels (forward and backward).
+
+A kernel works on tiles of one document: BLOCK rows of queries (forward, dq) or keys (dk/dv).
+The grid cannot depend on values inside cu_seqlens (that would need a host sync), so it is sized
+from shapes alone: ``n_slots = cdiv(T, BLOCK) + B + 1`` tile slots bound
+``sum_b cdiv(s_b, BLOCK) + cdiv(tail, BLOCK)``. On the device, documents are sorted heaviest first
+and ``prefix[i]`` counts the tiles of the first i sorted documents; a program finds its document
+with a binary search over ``prefix`` (:func:`tile_lookup`). Slots past ``prefix[B]`` cover the
+tail tokens at/after ``cu_seqlens[-1]`` (their outputs are zeroed); the remaining slots exit.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpret
+
+
+@dataclass(frozen=True)
+class TileSchedule:
+    prefix: torch.Tensor   # (B+1,) int32: tiles of the sorted documents before position i
+    order: torch.Tensor    # (max(B,1),) int32: document index at sorted position i, heaviest first
+    n_slots: int           # grid size in tiles (host-known upper bound)
+
+
+# one program sorts up to this many documents; more go through torch ops
+MAX_KERNEL_DOCS = 4096        # < 2**20: the sort key packs (length, index) into an int64
+
+
+def tile_schedule(cu_tiles: torch.Tensor, cu_weight: torch.Tensor, block: int, total: int) -> TileSchedule:
+    """Tiles of BLOCK tokens over the documents of ``cu_tiles`` (B+1,) int32, documents sorted by
+    decreasing length in ``cu_weight`` (the other side's lengths: the cost of one tile), ties by index.
+
+    Device-side only (one tiny kernel, or torch ops for many documents): no host sync.
+    """
+    B = cu_tiles.numel() - 1
+    n_slots = triton.cdiv(total, block) + B + 1
+    if 0 < B <= MAX_KERNEL_DOCS:
+        prefix = torch.empty(B + 1, dtype=torch.int32, device=cu_tiles.device)
+        order = torch.empty(B, dtype=torch.int32, device=cu_tiles.device)
+        _schedule_kernel[(1,)](cu_tiles, cu_weight, prefix, order, B, BLOCK=block,
+                               BLOCK_B=max(16, triton.next_power_of_2(B)), num_warps=4)
+        return TileSchedule(prefix, order, n_slots)
+    prefix, order = schedule_torch(cu_tiles, cu_weight, block)
+    return TileSchedule(prefix, order, n_slots)
+
+
+def schedule_torch(cu_tiles: torch.Tensor, cu_weight: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prefix, order) of :func:`tile_schedule` with torch ops (any number of documents)."""
+    B = cu_tiles.numel() - 1
+    ntiles = torch.div(cu_tiles[1:] - cu_tiles[:-1] + (block - 1), block, rounding_mode="floor")   # (B,)
+    order = torch.argsort(cu_weight[1:] - cu_weight[:-1], descending=True, stable=True)
+    prefix = torch.zeros(B + 1, dtype=torch.int32, device=cu_tiles.device)
+    torch.cumsum(ntiles[order], 0, dtype=torch.int32, out=prefix[1:])
+    if B == 0:
+        order = torch.zeros(1, dtype=torch.int64, device=cu_tiles.device)
+    return prefix, order.to(torch.int32)
+
+
+@triton.jit(do_not_specialize=["B"])
+def _schedule_kernel(CU_T, CU_W, PREFIX, ORDER, B, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    i = tl.arange(0, BLOCK_B)
+    ok = i < B
+    w = tl.load(CU_W + i + 1, mask=ok, other=0) - tl.load(CU_W + i, mask=ok, other=0)
+    w = tl.where(ok, w, -1).to(tl.int64)
+    # descending weight, then ascending index; padding (w = -1) sorts last
+    key = w * 1048576 + (1048575 - i)
+    doc = (1048575 - (tl.sort(key, descending=True) & 1048575)).to(tl.int32)
+    doc = tl.where(ok, doc, 0)
+    n = (tl.load(CU_T + doc + 1, mask=ok, other=0) - tl.load(CU_T + doc, mask=ok, other=0) + BLOCK - 1) // BLOCK
+    tl.store(PREFIX + 1 + i, tl.cumsum(tl.where(ok, n, 0), 0), mask=ok)
+    tl.store(PREFIX + i, tl.zeros_like(i), mask=i == 0)
+    tl.store(ORDER + i, doc, mask=ok)
+
+
+@triton.jit
+def tile_lookup(PREFIX, ORDER, slot, B):
+    """Map a tile slot (< PREFIX[B]) to (document, tile index inside it, tiles in the document)."""
+    lo = slot * 0
+    hi = lo + B
+    # invariant: PREFIX[lo] <= slot < PREFIX[hi]; empty documents are skipped automatically
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        go = tl.load(PREFIX + mid) <= slot
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    first = tl.load(PREFIX + lo)
+    n = tl.load(PREFIX + lo + 1) - first
+    doc = tl.load(ORDER + lo)
+    return doc, slot - first, n
+
+
+@triton.jit
+def tanh_f32(x):
+    # exp-based so that it runs in the interpreter as on GPU; saturates to +-1 without NaN
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+# ------------------------------------------------------------------------------ configs
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int      # query rows per tile
+    block_n: int      # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# One fixed small config in the interpreter keeps tests fast and exercises multi-tile paths.
+# Tests may replace entries to try other tile shapes.
+INTERPRET_CONFIGS: dict[str, KernelConfig] = {
+    "fwd": KernelConfig(16, 16, 4, 1),
+    "bwd_dkdv": KernelConfig(16, 16, 4, 1),
+    "bwd_dq": KernelConfig(16, 16, 4, 1),
+}
+
+K = KernelConfig
+# GPU candidates per kernel and padded head dim, chosen so that sm_90 builds keep wgmma (>= 64 rows
+# per warpgroup on the left operand) and spill few or no registers (checked with ptxas -v on
+# Triton 3.9 builds for sm_90a). fp16/bf16 use tensor cores with fp32 accumulation.
+_GPU_CONFIGS: dict[str, dict[int, list[KernelConfig]]] = {
+    "fwd": {
+        64: [K(128, 64, 4, 3), K(128, 128, 8, 3), K(128, 64, 4, 4), K(64, 64, 4, 3)],
+        128: [K(128, 64, 8, 3), K(128, 64, 8, 4), K(128, 128, 8, 3), K(64, 64, 4, 3)],
+        256: [K(64, 32, 8, 2), K(128, 32, 8, 2), K(128, 64, 8, 2)],
+    },
+    # dk/dv: a key tile (and its dk, dv accumulators) stays on chip while query tiles stream past;
+    # its left operands are the key tile, so BLOCK_N >= 64
+    "bwd_dkdv": {
+        64: [K(64, 128, 8, 3), K(32, 128, 8, 3), K(64, 64, 4, 3), K(32, 64, 4, 3)],
+        128: [K(32, 64, 8, 3), K(32, 64, 8, 4), K(64, 64, 8, 3), K(32, 128, 8, 3)],
+        256: [K(16, 64, 8, 2), K(16, 64, 8, 1), K(32, 64, 8, 2)],
+    },
+    # dq: a query tile stays on chip while key tiles stream past
+    "bwd_dq": {
+        64: [K(128, 32, 4, 3), K(128, 64, 8, 3), K(64, 64, 4, 3), K(64, 32, 4, 3)],
+        128: [K(128, 64, 8, 3), K(128, 32, 8, 3), K(64, 64, 8, 3), K(64, 32, 4, 3)],
+        256: [K(128, 32, 8, 2), K(64, 32, 8, 2), K(64, 32, 4, 2)],
+    },
+}
+# fp32 inputs use IEEE FMA dots (errors like eager fp32; tf32 would be ~1e-3 off): small tiles
+_FP32_CONFIGS: dict[str, list[KernelConfig]] = {
+    "fwd": [K(32, 32, 8, 2), K(16, 32, 4, 2)],
+    "bwd_dkdv": [K(32, 32, 8, 2), K(16, 32, 4, 2)],
+    "bwd_dq": [K(32, 32, 8, 2), K(32, 16, 4, 2)],
+}
+del K
+
+
+def candidate_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[KernelConfig]:
+    if triton_interpret():
+        return [INTERPRET_CONFIGS[kernel]]
+    if dtype == torch.float32:
+        return list(_FP32_CONFIGS[kernel])
+    by_d = _GPU_CONFIGS[kernel]
+    return by_d[min(d for d in by_d if d >= block_d)] if block_d <= 256 else by_d[256]
+
+
+_BEST: dict[tuple, KernelConfig] = {}
+# LENGEN_TRITON_AUTOTUNE=0 takes the first candidate instead of timing them all (faster first calls)
+AUTOTUNE = os.environ.get("LENGEN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[KernelConfig], None]) -> KernelConfig:
+    """Autotune once per key (head dim, mask kind, softcap, dtype, device): time each config's
+    launch and keep the fastest. ``launch`` must be idempotent (the kernels only write outputs)."""
+    if len(configs) == 1 or not AUTOTUNE:
+        return configs[0]
+    best = _BEST.get(key)
+    if best is None:
+        from triton.runtime.errors import OutOfResources
+        times = []
+        for cfg in configs:
+            try:
+                times.append(triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=25))
+            except OutOfResources:
+                times.append(math.inf)
+        best = configs[min(range(len(configs)), key=times.__getitem__)]
+        _BEST[key] = best
+    return best
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact IEEE products, so errors match eager fp32 (tf32 would be 1e-3 off)
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,250 @@
+"""Triton varlen attention kernels (forward + backward) against the reference.
+
+On CPU these run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) with 16x16 tiles,
+so tiny shapes still cover multi-tile documents; bf16 and larger shapes are `gpu` tests.
+Tolerance (flash-attn's rule), truth = reference in fp64:
+    max|kernel - truth| <= 2 * max|eager_same_dtype - truth| + atol
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lengen_fast.reference import varlen_attention_ref
+from lengen_fast.triton import attention_bwd, attention_sched
+from lengen_fast.triton.attention_bwd import attention_bwd_triton
+from lengen_fast.triton.attention_fwd import attention_fwd_triton
+from lengen_fast.triton.attention_sched import KernelConfig, schedule_torch, tile_schedule
+
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Case:
+    lens_q: tuple[int, ...]
+    lens_k: tuple[int, ...] | None = None    # None: same as lens_q
+    H: int = 2
+    H_kv: int = 1
+    D: int = 32
+    dtype: torch.dtype = torch.float16
+    causal: bool = True
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    scale: float | None = None
+    tail: int = 0                            # tokens after cu_seqlens[-1] (q and k)
+    strided: bool = False                    # q/k/v views of a packed qkv tensor, strided dout
+
+
+def _cu(lens):
+    return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+
+
+def _inputs(c: Case, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cu_q = _cu(c.lens_q)
+    cu_k = _cu(c.lens_k) if c.lens_k is not None else cu_q
+    Tq = int(sum(c.lens_q)) + c.tail
+    Tk = int(sum(c.lens_k if c.lens_k is not None else c.lens_q)) + c.tail
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(c.dtype).to(DEV)
+
+    if c.strided:
+        assert Tq == Tk
+        qkv = rnd(Tq, c.H + 2 * c.H_kv, c.D)
+        q, k, v = qkv[:, :c.H], qkv[:, c.H:c.H + c.H_kv], qkv[:, c.H + c.H_kv:]
+        dout = rnd(Tq, c.H, 2 * c.D)[..., ::2]                     # stride 2 along D
+    else:
+        q, k, v, dout = rnd(Tq, c.H, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tq, c.H, c.D)
+    return q, k, v, dout, cu_q, cu_k
+
+
+def _kernels(c: Case, q, k, v, dout, cu_q, cu_k, deterministic=True):
+    args = (cu_q, cu_k, None, None, c.causal, c.scale, c.window[0], c.window[1], c.softcap)
+    out, lse = attention_fwd_triton(q, k, v, *args)
+    dq, dk, dv = attention_bwd_triton(dout, q, k, v, out, lse, *args, deterministic)
+    return out, lse, dq, dk, dv
+
+
+def _reference(c: Case, q, k, v, dout, cu_q, cu_k, dtype):
+    xs = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
+    out, lse = varlen_attention_ref(*xs, cu_q, cu_k, causal=c.causal, softmax_scale=c.scale, window_size=c.window,
+                                    softcap=c.softcap, return_lse=True, upcast=False)
+    if out.requires_grad:                                           # False when no token is in a document
+        out.backward(dout.to(dtype))
+    return [out, lse] + [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]
+
+
+def _check(c: Case, seed: int = 0):
+    q, k, v, dout, cu_q, cu_k = _inputs(c, seed)
+    got = _kernels(c, q, k, v, dout, cu_q, cu_k)
+    truth = _reference(c, q, k, v, dout, cu_q, cu_k, torch.float64)
+    eager = _reference(c, q, k, v, dout, cu_q, cu_k, c.dtype)
+    out, lse, dq, dk, dv = got
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (c.H, q.shape[0]) and lse.dtype == torch.float32
+    for x, ref in ((dq, q), (dk, k), (dv, v)):
+        assert x.shape == ref.shape and x.dtype == ref.dtype
+    for name, g_, t_, e_ in zip(("out", "lse", "dq", "dk", "dv"), got, truth, eager):
+        assert not torch.isnan(g_).any(), f"{name} has NaN"
+        fin = torch.isfinite(t_)
+        if name == "lse":                                           # +inf exactly where no key is visible
+            assert torch.equal(torch.isinf(g_) & (g_ > 0), ~fin), "lse +inf pattern"
+        if not fin.any():
+            continue
+        err = (g_.double() - t_)[fin].abs().max().item()
+        err_eager = (e_.double() - t_)[fin].abs().max().item()
+        bound = 2 * err_eager + ATOL[c.dtype]
+        assert err <= bound, f"{name}: kernel err {err:.3g} > 2 * eager err {err_eager:.3g} + atol"
+    nq, nk = int(cu_q[-1]), int(cu_k[-1])
+    for name, x in (("out", out[nq:]), ("dq", dq[nq:]), ("dk", dk[nk:]), ("dv", dv[nk:])):
+        assert torch.count_nonzero(x) == 0, f"tail tokens: {name} not zero"
+
+
+CASES = {
+    # zero-length and single-token docs, docs longer than a tile, tail tokens, GQA
+    "mixed_causal_gqa": Case((0, 1, 37, 5, 20), H=4, H_kv=2, tail=3),
+    "mixed_fp32_noncausal": Case((0, 1, 37, 5, 20), dtype=torch.float32, causal=False, tail=2),
+    # s_q != s_k: bottom-right causal; a doc with s_k = 0 and one with s_q > s_k (rows that see nothing)
+    "sq_ne_sk_causal": Case((10, 30, 5), (20, 12, 0), tail=2),
+    # window smaller than a tile, MQA (one KV head)
+    "window_mqa": Case((40, 3), causal=False, window=(5, 3), H=3, H_kv=1),
+    "window_right_only_fp32": Case((30, 9), dtype=torch.float32, causal=False, window=(-1, 2)),
+    "causal_window_softcap_fp32": Case((33, 17), dtype=torch.float32, window=(7, -1), softcap=5.0, tail=1),
+    # one doc covers the batch; head dim padded to a power of two
+    "single_doc_d48": Case((50,), D=48),
+    # strided views of a packed qkv, strided dout, custom scale
+    "packed_qkv_views": Case((19, 0, 26), H=2, H_kv=1, scale=0.3, tail=2, strided=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name):
+    _check(CASES[name])
+
+
+@pytest.mark.parametrize("fwd,dkdv,dq", [((32, 16), (16, 32), (32, 16)), ((16, 32), (32, 16), (16, 32))])
+def test_other_tile_shapes(monkeypatch, fwd, dkdv, dq):
+    for kern, (bm, bn) in (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq)):
+        monkeypatch.setitem(attention_sched.INTERPRET_CONFIGS, kern, KernelConfig(bm, bn, 4, 1))
+    _check(Case((45, 2, 20), (33, 40, 20), H=2, H_kv=1, tail=1))
+    _check(Case((45, 20), causal=False, window=(9, 4), tail=1, dtype=torch.float32))
+
+
+def test_gqa_group_runtime_loop(monkeypatch):
+    # groups above MAX_UNROLLED_GROUP walk the query heads in a runtime loop instead of unrolling
+    monkeypatch.setattr(attention_bwd, "MAX_UNROLLED_GROUP", 1)
+    _check(Case((21, 0, 13), H=3, H_kv=1, window=(6, -1), tail=1))
+
+
+def test_all_tail_tokens():
+    # one empty document: every token is a tail token
+    c = Case((0,), tail=5)
+    q, k, v, dout, cu_q, cu_k = _inputs(c)
+    out, lse, dq, dk, dv = _kernels(c, q, k, v, dout, cu_q, cu_k)
+    assert torch.isinf(lse).all() and (lse > 0).all()
+    for x in (out, dq, dk, dv):
+        assert torch.count_nonzero(x) == 0
+
+
+def _bwd(c: Case, q, k, v, dout, cu_q, cu_k, out, lse, deterministic):
+    return attention_bwd_triton(dout, q, k, v, out, lse, cu_q, cu_k, None, None, c.causal, c.scale,
+                                c.window[0], c.window[1], c.softcap, deterministic)
+
+
+def test_deterministic_repeatable():
+    c = Case((37, 5, 20), H=3, H_kv=1, window=(9, -1), tail=1)
+    q, k, v, dout, cu_q, cu_k = _inputs(c)
+    out, lse, *first = _kernels(c, q, k, v, dout, cu_q, cu_k, deterministic=True)
+    second = _bwd(c, q, k, v, dout, cu_q, cu_k, out, lse, True)
+    relaxed = _bwd(c, q, k, v, dout, cu_q, cu_k, out, lse, False)
+    for a, b, r in zip(first, second, relaxed):
+        assert torch.equal(a, b) and torch.equal(a, r)
+
+
+@settings(max_examples=5, deadline=None)
+@given(lens=st.lists(st.integers(0, 24), min_size=1, max_size=4), causal=st.booleans(),
+       left=st.sampled_from([-1, 0, 3, 20]), tail=st.integers(0, 3), seed=st.integers(0, 100))
+def test_fuzz_layouts(lens, causal, left, tail, seed):
+    _check(Case(tuple(lens), H=2, H_kv=1, D=32, dtype=torch.float32, causal=causal, window=(left, -1 if causal else 2),
+                tail=tail), seed=seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lens=st.lists(st.integers(0, 300), min_size=1, max_size=12), weights=st.data(),
+       block=st.sampled_from([16, 64, 128]), tail=st.integers(0, 200))
+def test_schedule_covers_every_tile(lens, weights, block, tail):
+    """Every (doc, tile) appears exactly once, heaviest docs first (ties by index), within the grid
+    bound; the one-program kernel and the torch path agree."""
+    wl = weights.draw(st.lists(st.integers(0, 300), min_size=len(lens), max_size=len(lens)))
+    cu = _cu(lens)
+    cw = _cu(wl)
+    s = tile_schedule(cu, cw, block, int(cu[-1]) + tail)
+    prefix, order = s.prefix.tolist(), s.order.tolist()
+    assert order == sorted(range(len(lens)), key=lambda d: (-wl[d], d))
+    for i, d in enumerate(order):
+        assert prefix[0] == 0 and prefix[i + 1] - prefix[i] == -(-lens[d] // block)
+    assert s.n_slots >= prefix[-1] + -(-tail // block)
+    t_prefix, t_order = schedule_torch(cu, cw, block)
+    assert torch.equal(t_prefix, s.prefix) and torch.equal(t_order, s.order)
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+GPU_LENS = (1, 700, 0, 1500, 33, 129, 256)
+
+
+@pytest.fixture
+def first_config(monkeypatch):
+    """Correctness runs take each kernel's first GPU config: timing every candidate of every
+    variant would compile for minutes. test_gpu_autotuned_configs covers the others."""
+    monkeypatch.setattr(attention_sched, "AUTOTUNE", False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128, 256, 96])
+def test_gpu_causal_gqa(first_config, dtype, D):
+    _check(Case(GPU_LENS, H=8, H_kv=2, D=D, dtype=dtype, tail=17))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kw", [
+    dict(causal=False),
+    dict(causal=True, window=(100, -1)),
+    dict(causal=False, window=(37, 5), softcap=30.0),
+    dict(lens_k=(5, 300, 64, 1000, 0, 200, 256)),
+    dict(strided=True, H_kv=1),
+    dict(dtype=torch.float32, D=64),
+])
+def test_gpu_variants(first_config, kw):
+    _check(replace(Case(GPU_LENS, H=4, H_kv=2, D=128, dtype=torch.bfloat16, tail=5), **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_autotuned_configs(first_config, monkeypatch, D):
+    """Every candidate config is correct (the autotuner may pick any of them)."""
+    c = Case(GPU_LENS, H=4, H_kv=2, D=D, dtype=torch.bfloat16, tail=5)
+    for by_d in attention_sched._GPU_CONFIGS.values():
+        for cfg in by_d[D][1:]:
+            with monkeypatch.context() as m:
+                m.setitem(by_d, D, [cfg])
+                _check(c)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_bitwise():
+    # also runs the autotuner (bf16, hdim 128, causal)
+    c = Case((3000, 17, 1000, 500), H=16, H_kv=2, D=128, dtype=torch.bfloat16, tail=9)
+    q, k, v, dout, cu_q, cu_k = _inputs(c)
+    first = _kernels(c, q, k, v, dout, cu_q, cu_k)
+    for _ in range(3):
+        again = _kernels(c, q, k, v, dout, cu_q, cu_k)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
