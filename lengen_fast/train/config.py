@@ -60,7 +60,7 @@ class TrainConfig:
     seq_len: int = 0                    # row length (concat_chunk, pack) and largest vsl bucket; 0 = next
                                         # power of two >= the longest training document
     vsl_pad_pow2: bool = True           # vsl: pad documents to a power of two so decomposition keeps them whole
-    steps: int = 300
+    steps: int = 500
     lr: float = 3e-3
     min_lr_frac: float = 0.1
     warmup: int = 30
