@@ -314,6 +314,9 @@ def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
     assert "unknown task 'sorting'" in capsys.readouterr().err
     assert cli.main(["--preset", "nope"]) == 2
     assert "preset 'nope' not found" in capsys.readouterr().err
+    assert cli.main(["--preset", "quick", "--eval-multiples", "0.5,1", "--out", str(tmp_path / "no" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "warning: eval_multiples [0.5] are below 1" in err and "parent" in err
 
 
 @pytest.mark.parametrize("preset", ["quick", "default", "long"])

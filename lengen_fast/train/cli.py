@@ -340,9 +340,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         cmd, cfg = config_from_args(argv)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            plan(cfg)
+            try:
+                plan(cfg)
+            finally:
+                for w in caught:
+                    print(f"lengen-train: warning: {w.message}", file=sys.stderr)
     except (ValueError, TypeError) as e:
         print(f"lengen-train: error: {e}", file=sys.stderr)
         return 2
