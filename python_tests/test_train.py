@@ -42,7 +42,7 @@ def split(doc, mask):
 @pytest.mark.parametrize("scratchpad,hints", [(False, False), (True, True)])
 @pytest.mark.parametrize("task", SYNTH)
 def test_task_answers_and_exact_length(task, scratchpad, hints):
-    cfg = TaskConfig(alphabet=64, scratchpad=scratchpad, index_hints=hints)
+    cfg = TaskConfig(alphabet=64, scratchpad=scratchpad, index_hints=hints, passkey_digits=1 + 4 * hints)
     rng = np.random.default_rng(0)
     for n in (1, 2, 5, 13, 40):
         for _ in range(5):
@@ -76,7 +76,7 @@ def test_task_answers_and_exact_length(task, scratchpad, hints):
                     assert p[0] == T.hint(0, cfg) and a[0] == T.hint(0, cfg)
             elif task == "passkey":
                 k = p.index(T.KEY)
-                assert p[k + 1:k + 1 + T.PASSKEY_DIGITS] == a and p[k + 1 + T.PASSKEY_DIGITS] == T.KEY
+                assert p[k + 1:k + 1 + cfg.passkey_digits] == a and p[k + 1 + cfg.passkey_digits] == T.KEY
                 assert sum(T.FILL0 <= t < T.FILL0 + T.N_FILL for t in p) == n
 
 
@@ -191,6 +191,13 @@ def test_early_stopping_on_synthetic_series(series, drop, stop_at, best_step):
         assert es.max_drop_after_best() == pytest.approx((max(series) - min(series[best_step + 1:])) / max(series))
 
 
+def test_early_stopping_patience_needs_consecutive_drops():
+    es = EarlyStopper(drop=0.05, patience=2)
+    for i, v in enumerate([0.5, 0.4, 0.5, 0.4, 0.45, 0.3]):
+        es.update(i, v)
+    assert es.stopped_at == 4 and es.best_step == 0 and "2 validations in a row" in es.reason
+
+
 def test_early_stopping_disabled_still_tracks_best():
     es = EarlyStopper(drop=0.05, enabled=False)
     for i, v in enumerate([0.5, 0.1, 0.1]):
@@ -287,6 +294,14 @@ def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
     assert "unknown task 'sorting'" in capsys.readouterr().err
     assert cli.main(["--preset", "nope"]) == 2
     assert "preset 'nope' not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["quick", "default", "long"])
+def test_presets_validate(preset, tmp_path):
+    cfg = RunConfig()
+    apply_overrides(cfg, load_preset(preset))
+    cfg.out = str(tmp_path / "p")
+    cli.plan(cfg)
 
 
 def test_flags_map_onto_the_dataclasses():

@@ -27,7 +27,7 @@ import torch
 from . import distributed
 from .config import SECTIONS, STRATEGIES, TASKS, RunConfig, apply_overrides, eval_lengths, load_preset, validate
 from .evaluate import critical_length, distance_buckets, generalization_gap, loss_by_boundary_distance
-from .tasks import (EvalSet, eval_set, load_text, make_example, max_train_doc_tokens, text_base, text_eval,
+from .tasks import (auto_train_examples, eval_set, load_text, make_example, max_train_doc_tokens, text_base, text_eval,
                     text_pieces, text_train_len, train_table)
 from .trainer import EvalSets, Trainer, check_compatible, score
 
@@ -83,7 +83,9 @@ def build_evals(cfg: RunConfig, seed: int, text) -> EvalSets:
     return EvalSets(sets["val"], sets["test"], tv, tt)
 
 
-def table_for(cfg: RunConfig, tc, strategy: str, seed: int, text):
+def table_for(cfg: RunConfig, tc, strategy: str, seed: int, text, steps: int | None = None):
+    if not tc.train_examples:
+        tc = replace(tc, train_examples=auto_train_examples(tc, steps or cfg.train.steps, cfg.train.tokens_per_batch))
     docs = None
     if text is not None:
         L = text_train_len(tc)
@@ -129,10 +131,17 @@ def run_experiment(cfg: RunConfig, log=print) -> dict:
     t_start = time.time()
     for seed in tr.seeds:
         evals = build_evals(cfg, seed, text)
-        models = {}
+        models, tables = {}, {}
+
+        def table(strategy):  # built once per seed: vsl's copy differs only by power-of-two padding
+            key = strategy == "vsl" and tr.vsl_pad_pow2
+            if key not in tables:
+                tables[key] = table_for(cfg, tc, strategy, seed, text)
+            return tables[key]
+
         for strategy in tr.strategies:
             run_dir = out / "ckpt" / f"{strategy}_s{seed}"
-            t = Trainer(cfg, strategy, seed, table_for(cfg, tc, strategy, seed, text), evals, vocab, run_dir,
+            t = Trainer(cfg, strategy, seed, table(strategy), evals, vocab, run_dir,
                         max_len=p["seq_len"], train_max_len=tc.train_max_len, text_edges=edges)
             if cfg.resume and (run_dir / "last.pt").exists():
                 t.load(run_dir / "last.pt")
@@ -159,7 +168,7 @@ def run_experiment(cfg: RunConfig, log=print) -> dict:
             base = models.get(ex.ext_strategy) if cfg.model.pos_encoding == "rope" else None
             if base is None:  # pretrain a short-context rope model for the extension study
                 rcfg = replace(cfg, model=replace(cfg.model, pos_encoding="rope"))
-                t = Trainer(rcfg, ex.ext_strategy, seed, table_for(rcfg, tc, ex.ext_strategy, seed, text), evals,
+                t = Trainer(rcfg, ex.ext_strategy, seed, table(ex.ext_strategy), evals,
                             vocab, out / "ckpt" / f"extend_base_s{seed}", max_len=p["seq_len"],
                             train_max_len=tc.train_max_len, text_edges=edges)
                 if cfg.resume and (t.run_dir / "last.pt").exists():
@@ -220,7 +229,8 @@ def run_extension(cfg, p, seed, base, evals, vocab, text, edges, log) -> list[di
         ext_cfg = replace(cfg, task=p["ext_tc"], train=replace(tr, eval_every=ft_steps, early_stop=False,
                                                                warmup=max(1, ft_steps // 10)))
         ft_evals = EvalSets(evals.val, evals.test, None, None)
-        t = Trainer(ext_cfg, ex.ext_strategy, seed, table_for(ext_cfg, p["ext_tc"], ex.ext_strategy, seed, text),
+        t = Trainer(ext_cfg, ex.ext_strategy, seed,
+                    table_for(ext_cfg, p["ext_tc"], ex.ext_strategy, seed, text, steps=ft_steps),
                     ft_evals, vocab, Path(cfg.out) / "ckpt" / f"extend_{kind}_s{seed}", max_len=p["ext_seq"],
                     train_max_len=p["ext_tc"].train_max_len, text_edges=edges, steps=ft_steps, init_model=base,
                     rope_scaling=scaling)

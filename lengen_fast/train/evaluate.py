@@ -152,11 +152,14 @@ class EarlyStopper:
     """Stop when the OOD metric falls more than ``drop`` (a fraction) below its best.
 
     The rule arms only once the best is at least ``min_best``, so that noise around zero
-    accuracy (0.02 -> 0.0 is a 100% drop) does not stop a run that has not learned anything yet.
+    accuracy (0.02 -> 0.0 is a 100% drop) does not stop a run that has not learned anything yet,
+    and fires after ``patience`` consecutive validations below the limit (1 = the first one).
     """
     drop: float = 0.05
     min_best: float = 0.05
     enabled: bool = True
+    patience: int = 1
+    below: int = 0
     best: float = -math.inf
     best_step: int = -1
     stopped_at: int | None = None
@@ -167,13 +170,14 @@ class EarlyStopper:
         """Record ``value`` at ``step``; return (improved, stop)."""
         self.history.append((step, value))
         if value > self.best:
-            self.best, self.best_step = value, step
+            self.best, self.best_step, self.below = value, step, 0
             return True, False
-        if (self.enabled and self.best >= self.min_best and value < self.best * (1 - self.drop)
-                and self.stopped_at is None):
+        self.below = self.below + 1 if value < self.best * (1 - self.drop) else 0
+        if self.enabled and self.best >= self.min_best and self.below >= self.patience and self.stopped_at is None:
             self.stopped_at = step
             self.reason = (f"OOD metric {value:.3f} at step {step} is {100 * (1 - value / self.best):.1f}% "
-                           f"below its best {self.best:.3f} (step {self.best_step}); limit {100 * self.drop:.0f}%")
+                           f"below its best {self.best:.3f} (step {self.best_step}); limit {100 * self.drop:.0f}%"
+                           + (f" for {self.patience} validations in a row" if self.patience > 1 else ""))
             return False, True
         return False, False
 
@@ -185,7 +189,7 @@ class EarlyStopper:
         return max(0.0, (self.best - min(after)) / self.best)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("best", "best_step", "stopped_at", "reason", "history")}
+        return {k: getattr(self, k) for k in ("best", "best_step", "stopped_at", "reason", "history", "below")}
 
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():

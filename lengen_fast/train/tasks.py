@@ -27,7 +27,6 @@ SYM0 = 34                      # alphabet symbols; index-hint tokens follow them
 EVAL_MOD = 8
 SYNTHESIS = ("parity", "majority", "addition")
 RETRIEVAL = ("passkey",)
-PASSKEY_DIGITS = 5
 REPEAT_ALPHABET = 4            # copy_repeat draws from this many symbols, so repeats are frequent
 
 
@@ -54,7 +53,7 @@ def doc_tokens(task: str, n: int, cfg: TaskConfig) -> int:
         w = 2 if cfg.index_hints else 1
         body = w * (2 * n) + 1 + w * (n + 1) + (n + 1 if cfg.scratchpad else 0)
     elif task == "passkey":
-        body = n + PASSKEY_DIGITS + 2 + 1 + PASSKEY_DIGITS
+        body = n + cfg.passkey_digits + 2 + 1 + cfg.passkey_digits
     elif task == "text":
         return n
     else:
@@ -107,7 +106,7 @@ def _prompt_answer(task: str, n: int, rng: np.random.Generator, cfg: TaskConfig)
                 ans.append(DIGIT0 + carries[i])
         return digits(x) + [PLUS] + digits(y), ans
     if task == "passkey":
-        key = (DIGIT0 + rng.integers(0, 10, PASSKEY_DIGITS)).tolist()
+        key = (DIGIT0 + rng.integers(0, 10, cfg.passkey_digits)).tolist()
         fill = (FILL0 + rng.integers(0, N_FILL, n)).tolist()
         p = int(rng.integers(0, n + 1))
         return fill[:p] + [KEY] + key + [KEY] + fill[p:] + [QUERY], key
@@ -202,6 +201,16 @@ def train_table(cfg: TaskConfig, seed: int, text_docs: list[np.ndarray] | None =
         "loss_mask": pa.array(masks, type=pa.list_(pa.uint8())),
         "task": pa.array(names, type=pa.string()),
     })
+
+
+def auto_train_examples(cfg: TaskConfig, steps: int, tokens_per_batch: int) -> int:
+    """Examples per task so that one epoch holds ``steps`` batches even with power-of-two padding."""
+    tasks = [t for t in cfg.tasks if t != "text"]
+    if not tasks:
+        return 0
+    sizes = range(cfg.train_min_len, cfg.train_max_len + 1)
+    mean = np.mean([1 << (doc_tokens(t, n, cfg) - 1).bit_length() for t in tasks for n in sizes])
+    return int(np.ceil(1.25 * steps * tokens_per_batch / (len(tasks) * mean))) + 64
 
 
 def max_train_doc_tokens(cfg: TaskConfig) -> int:

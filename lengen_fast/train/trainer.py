@@ -127,7 +127,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(seed + 1)
         self.dist.seed_rank_streams(seed, self.gen)
         tr = cfg.train
-        self.stopper = EarlyStopper(tr.early_stop_drop, tr.early_stop_min_best, tr.early_stop)
+        self.stopper = EarlyStopper(tr.early_stop_drop, tr.early_stop_min_best, tr.early_stop, tr.early_stop_patience)
         self.step, self.tokens, self.train_time, self.flops = 0, 0, 0.0, 0.0
         self.losses: list[float] = []
         self.history: list[dict] = []
