@@ -261,7 +261,7 @@ def test_lengen_train_nproc_2_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "lengen_fast.train", "--nproc", "2", "--tasks", "copy_unique", "--strategies",
            "vsl", "--no-extend", "--steps", "4", "--eval-every", "2", "--train-examples", "80",
            "--eval-examples", "4", "--train-max-len", "6", "--eval-multiples", "1,2", "--alphabet", "16", "--d-model", "16", "--n-layers",
-           "1", "--n-heads", "2", "--max-positions", "64", "--tokens-per-batch", "128", "--threads", "1",
+           "1", "--n-heads", "2", "--max-positions", "64", "--pos-offset-max", "0", "--tokens-per-batch", "128", "--threads", "1",
            "--no-progress", "--out", str(out)]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]

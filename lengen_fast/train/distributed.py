@@ -199,6 +199,16 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
+    def written(self, path) -> None:
+        """After rank 0 wrote ``path``: wait for it, and check every rank can read it (resume and
+        restore_best read checkpoints on every rank, so --out must be on a filesystem all nodes share)."""
+        if not self.enabled:
+            return
+        dist.barrier()
+        if not os.path.exists(path):
+            raise RuntimeError(f"rank {self.rank} cannot see {path}, which rank 0 wrote: --out must be on a "
+                               "filesystem shared by every node")
+
     def _comm_device(self) -> torch.device:
         return self.device if self.backend == "nccl" else torch.device("cpu")
 
@@ -242,7 +252,10 @@ class DistContext:
         if not self.enabled:
             return sd
         rng = [None] * self.world_size
-        dist.all_gather_object(rng, {"torch_rng": torch.get_rng_state(), "offset_rng": gen.get_state()})
+        mine = {"torch_rng": torch.get_rng_state(), "offset_rng": gen.get_state()}
+        if self.device.type == "cuda":  # dropout on the GPU
+            mine["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        dist.all_gather_object(rng, mine)
         sd["rank_rng"] = rng
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
@@ -269,6 +282,8 @@ class DistContext:
         rng = ck["rank_rng"][self.rank] if self.enabled else ck
         torch.set_rng_state(rng["torch_rng"])
         gen.set_state(rng["offset_rng"])
+        if "cuda_rng" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda_rng"], self.device)
 
 
 class ShardedEval(nn.Module):
@@ -282,6 +297,7 @@ class ShardedEval(nn.Module):
     def __init__(self, model: nn.Module, ctx: DistContext):
         super().__init__()
         self.model, self.ctx = model, ctx
+        self.train(model.training)
 
     def forward(self, tokens, cu_seqlens, max_seqlen: int, positions):
         ctx = self.ctx

@@ -167,7 +167,7 @@ class Trainer:
             tmp = path.with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(path)
-        self.dist.barrier()  # the other ranks may read it next (restore_best, resume)
+        self.dist.written(path)  # the other ranks may read it next (restore_best, resume)
 
     def load(self, path: Path) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=False)
