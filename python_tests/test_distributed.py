@@ -165,7 +165,8 @@ def test_two_processes_batch_b_match_one_process_batch_2b(group, reference, mode
         assert r[mode]["losses"] == res[0][mode]["losses"]
     got = res[0][mode]
     assert len(got["losses"]) == len(ref["losses"]) == STEPS
-    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5, atol=1e-6)
+    # the same token set and gradient: only the fp32 summation order differs (measured 1.3e-7 relative)
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-6, atol=1e-6)
     assert got["tokens"] == ref["tokens"]                                       # summed over ranks
     np.testing.assert_allclose(got["flops"], ref["flops"], rtol=1e-12)
     # sharded evaluation + gather gives the 1-process metrics (9 examples: uneven shards)
@@ -258,11 +259,11 @@ def test_single_process_context_is_a_no_op():
 def test_lengen_train_nproc_2_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "lengen_fast.train", "--nproc", "2", "--tasks", "copy_unique", "--strategies",
-           "vsl", "--no-extend", "--steps", "4", "--eval-every", "2", "--train-examples", "80",
-           "--eval-examples", "4", "--train-max-len", "6", "--eval-multiples", "1,2", "--alphabet", "16", "--d-model", "16", "--n-layers",
-           "1", "--n-heads", "2", "--max-positions", "64", "--pos-offset-max", "0", "--tokens-per-batch", "128", "--threads", "1",
-           "--no-progress", "--out", str(out)]
+    flags = ("--nproc 2 --tasks copy_unique --strategies vsl --no-extend --steps 4 --eval-every 2 "
+             "--train-examples 80 --eval-examples 4 --train-max-len 6 --eval-multiples 1,2 --alphabet 16 "
+             "--d-model 16 --n-layers 1 --n-heads 2 --max-positions 64 --pos-offset-max 0 --tokens-per-batch 128 "
+             "--threads 1 --no-progress")
+    cmd = [sys.executable, "-m", "lengen_fast.train", *flags.split(), "--out", str(out)]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("| task | strategy |") == 1         # rank 0 alone prints the table

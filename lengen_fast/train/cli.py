@@ -180,8 +180,9 @@ def run_experiment(cfg: RunConfig, log=print) -> dict:
         if "pack_naive" in models and "pack_masked" in models:
             docs, masks = boundary_docs(cfg, seed, text)
             bedges = distance_buckets(p["seq_len"])
-            boundary.append({"seed": seed, "edges": bedges, **{
-                s: loss_by_boundary_distance(distributed.context().eval_model(models[s]), docs, masks, p["seq_len"], s == "pack_masked", bedges)
+            boundary.append({"seed": seed, "edges": bedges, **{  # dist: eval_model runs on the device
+                s: loss_by_boundary_distance(distributed.context().eval_model(models[s]), docs, masks, p["seq_len"],
+                                             s == "pack_masked", bedges)
                 for s in ("pack_naive", "pack_masked")}})
     return {"config": cfg.to_dict(), "machine": machine(), "wall_seconds": time.time() - t_start,
             "derived": {"seq_len": p["seq_len"], "doc_max_tokens": p["doc_max"],
