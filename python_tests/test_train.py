@@ -253,7 +253,7 @@ def bad(tmp_path, **kw):
 @pytest.mark.parametrize("kw,match", [
     ({"task__tasks": ["copy", "parity"]}, "unknown task 'copy'"),
     ({"train__strategies": ["pack"]}, "unknown strategy 'pack'"),
-    ({"train__tokens_per_batch": 16}, "tokens_per_batch=16 is smaller than the maximum training length"),
+    ({"train__tokens_per_batch": 8}, "tokens_per_batch=8 is smaller than the maximum training length"),
     ({"model__pos_encoding": "alibi"}, "unknown pos_encoding"),
     ({"extension__extend": True, "extension__scalings": ["longrope2"]}, "unknown rope scaling"),
     ({"task__alphabet": 8}, "copy_unique at eval length 24 needs alphabet"),

@@ -199,7 +199,8 @@ def summarize(cfg: RunConfig, t: Trainer, test: dict) -> dict:
             ids = [a for n, a in d.items() if n <= cfg.task.train_max_len]
             if task not in reached and ids and max(ids) >= tr.target_acc:
                 reached[task] = h["flops"]
-    hist = [{"step": h["step"], "loss": h["loss"], "id": h["id"], "ood": h["ood"], "flops": h["flops"],
+    hist = [{"step": h["step"], "loss": h["loss"], "id": h["id"], "ood": h["ood"], "ood_score": h["ood_score"],
+             "flops": h["flops"],
              "acc": {k: {str(n): a for n, a in d.items()} for k, d in h["acc"].items()},
              **({"text_loss": h["text_loss"]} if "text_loss" in h else {})} for h in t.history]
     return {"strategy": t.strategy, "seed": t.seed, "steps": t.step, "train_seconds": t.train_time,

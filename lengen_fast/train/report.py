@@ -221,7 +221,8 @@ def markdown(report: dict) -> str:
           "## Strategies: token efficiency, length generalization, overfitting risk\n",
           "Mean ± std over seeds. FLOPs to target: training FLOPs at the first validation where the task's "
           f"in-distribution accuracy reached {tr['target_acc']}. Overfitting risk: the largest relative drop of the "
-          "validation OOD score after its best step. Critical length: the longest evaluated n with accuracy ≥ "
+          "validation OOD score (chance-corrected accuracy beyond the training length, the early-stopping metric) "
+          "after its best step. Critical length: the longest evaluated n with accuracy ≥ "
           f"{tr['critical_threshold']}.\n", main_table(report), "",
           "## What the measurements say\n", *verdicts(report), "",
           "## Retrieval vs synthesis\n",
@@ -275,6 +276,8 @@ def plots(report: dict, out: Path) -> list[Path]:
             steps = [h["step"] for h in r["history"]]
             ax.plot(steps, [h["id"] for h in r["history"]], color="C0", label=f"ID s{r['seed']}")
             ax.plot(steps, [h["ood"] for h in r["history"]], color="C3", label=f"OOD s{r['seed']}")
+            ax.plot(steps, [h["ood_score"] for h in r["history"]], color="C3", ls=":",
+                    label=f"OOD score (stop metric) s{r['seed']}")
             ax.axvline(r["best_step"], color="C2", ls="--", lw=1)
             if r["early_stopped_at"] is not None:
                 ax.axvline(r["early_stopped_at"], color="k", lw=1.5)

@@ -113,6 +113,15 @@ def _prompt_answer(task: str, n: int, rng: np.random.Generator, cfg: TaskConfig)
     raise ValueError(f"unknown task {task!r}")
 
 
+def chance(task: str, cfg: TaskConfig) -> float:
+    """Exact-match accuracy of guessing the answer (before EOS) uniformly."""
+    if task == "majority" or (task == "parity" and not cfg.scratchpad):
+        return 0.5
+    if task == "passkey":
+        return 0.1 ** cfg.passkey_digits
+    return 0.0
+
+
 def is_eval_prompt(task: str, prompt: list) -> bool:
     h = zlib.crc32(np.asarray(prompt, dtype=np.int32).tobytes(), TASK_IDS[task])
     return h % EVAL_MOD == 0

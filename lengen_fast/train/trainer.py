@@ -20,7 +20,7 @@ from . import distributed
 from .config import RunConfig
 from .evaluate import EarlyStopper, exact_match, loss_by_position
 from .model import Transformer
-from .tasks import EvalSet
+from .tasks import EvalSet, chance
 
 LOADER_STRATEGY = {"concat_chunk": "concat_chunk", "pack_naive": "pack", "pack_masked": "pack", "vsl": "vsl"}
 CROSS_DOC = ("concat_chunk", "pack_naive")  # attention spans the row; positions run along the row
@@ -81,25 +81,36 @@ class EvalSets:
     text_test: np.ndarray | None
 
 
-def score(model, sets: list[EvalSet], text: np.ndarray | None, train_max_len: int, text_edges: list[int]):
-    """{"acc": {task: {n: exact}}, "tok_acc": ..., "text_loss": [per bucket], "id", "ood"}."""
+def score(model, sets: list[EvalSet], text: np.ndarray | None, train_max_len: int, text_edges: list[int],
+          task_cfg=None):
+    """{"acc": {task: {n: exact}}, "tok_acc", "text_loss": [per bucket], "id", "ood", "ood_score"}.
+
+    id / ood: mean exact match at lengths <= / > train_max_len. ood_score (what early stopping
+    watches) corrects each accuracy for guessing, (acc - chance) / (1 - chance) clipped at 0, so that
+    binary tasks flipping between constant answers (0.4 <-> 0.6) do not look like a drop.
+    """
     model = distributed.context().eval_model(model)  # dist: sharded over ranks, on the device
-    acc, tok = {}, {}
+    acc, tok, ood_score = {}, {}, []
     for es in sets:
         a, t = exact_match(model, es)
         acc.setdefault(es.task, {})[es.n] = a
         tok.setdefault(es.task, {})[es.n] = t
+        if es.n > train_max_len:
+            c = chance(es.task, task_cfg) if task_cfg is not None else 0.0
+            ood_score.append(max(0.0, (a - c) / (1 - c)))
     out = {"acc": acc, "tok_acc": tok}
     ids = [v for d in acc.values() for n, v in d.items() if n <= train_max_len]
     oods = [v for d in acc.values() for n, v in d.items() if n > train_max_len]
     if text is not None:
         tl = loss_by_position(model, text, text_edges)
         out["text_loss"] = tl
-        # text alone: 1/perplexity keeps the metric in (0, 1] with "higher is better"
+        # text: 1/perplexity keeps the metric in (0, 1] with "higher is better"
         ids.append(math.exp(-tl[0]))
         oods += [math.exp(-x) for x in tl[1:]]
+        ood_score += [math.exp(-x) for x in tl[1:]]
     out["id"] = float(np.mean(ids)) if ids else math.nan
     out["ood"] = float(np.mean(oods)) if oods else math.nan
+    out["ood_score"] = float(np.mean(ood_score)) if ood_score else math.nan
     return out
 
 
@@ -142,11 +153,12 @@ class Trainer:
         return tr.lr * (tr.min_lr_frac + (1 - tr.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     def evaluate(self) -> dict:
-        res = score(self.model, self.evals.val, self.evals.text_val, self.train_max_len, self.text_edges)
+        res = score(self.model, self.evals.val, self.evals.text_val, self.train_max_len, self.text_edges,
+                    self.cfg.task)
         res.update(step=self.step, flops=self.flops, tokens=self.tokens,
                    loss=float(np.mean(self.losses[-self.cfg.train.eval_every:])) if self.losses else math.nan)
         self.history.append(res)
-        improved, stop = self.stopper.update(self.step, res["ood"])
+        improved, stop = self.stopper.update(self.step, res["ood_score"])
         if improved:
             self.save(self.run_dir / "best.pt")
         self.save(self.run_dir / "last.pt")
