@@ -124,7 +124,7 @@ class Trainer:
         self.steps = steps if steps is not None else cfg.train.steps
         torch.manual_seed(seed)
         self.dist = distributed.context()
-        self.model = (self.dist.plain_copy(init_model, lambda: Transformer(cfg.model, vocab_size))
+        self.model = (self.dist.plain_copy(init_model, lambda: Transformer(init_model.cfg, init_model.vocab_size))
                       if init_model is not None else Transformer(cfg.model, vocab_size))
         self.model.rope_scaling = rope_scaling
         self.model.attn_backend = cfg.train.attn_backend or None
