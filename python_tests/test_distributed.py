@@ -33,7 +33,7 @@ def tiny_cfg(out: Path) -> RunConfig:
     t.tasks, t.train_min_len, t.train_max_len, t.eval_multiples = ["copy_unique", "parity"], 2, 6, [1.0, 2.0]
     t.train_examples, t.eval_examples, t.alphabet = 150, 9, 16   # 9: uneven eval shards (5 + 4 padded)
     tr.strategies, tr.tokens_per_batch, tr.steps, tr.eval_every, tr.warmup = ["vsl"], 128, STEPS, 10, 3
-    tr.pos_offset_max, tr.threads, tr.early_stop = 0, 1, False   # offsets are drawn per rank: off for parity
+    tr.pos_offset_max, tr.threads, tr.early_stop = 8, 1, False   # offsets: one draw sliced by rank
     cfg.extension.extend = False
     cfg.progress = False
     cfg.out = str(out)
@@ -167,7 +167,7 @@ def test_two_processes_batch_b_match_one_process_batch_2b(group, reference, mode
         assert r[mode]["losses"] == res[0][mode]["losses"]
     got = res[0][mode]
     assert len(got["losses"]) == len(ref["losses"]) == STEPS
-    # the same token set and gradient: only the fp32 summation order differs (measured 1.3e-7 relative)
+    # the same token set and gradient: only the fp32 summation order differs (measured 2.5e-7 relative)
     np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-6, atol=1e-6)
     assert got["tokens"] == ref["tokens"]                                       # summed over ranks
     np.testing.assert_allclose(got["flops"], ref["flops"], rtol=1e-12)
@@ -262,7 +262,7 @@ def test_lengen_train_nproc_2_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     flags = ("--nproc 2 --tasks copy_unique --strategies vsl --no-extend --steps 4 --eval-every 2 "
              "--train-examples 80 --eval-examples 4 --train-max-len 6 --eval-multiples 1,2 --alphabet 16 "
-             "--d-model 16 --n-layers 1 --n-heads 2 --max-positions 64 --pos-offset-max 0 --tokens-per-batch 128 "
+             "--d-model 16 --n-layers 1 --n-heads 2 --max-positions 128 --tokens-per-batch 128 "
              "--threads 1 --no-progress")
     cmd = [sys.executable, "-m", "lengen_fast.train", *flags.split(), "--out", str(out)]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)

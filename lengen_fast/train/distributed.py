@@ -161,11 +161,24 @@ class DistContext:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
 
-    def seed_rank_streams(self, seed: int, gen: torch.Generator) -> None:
-        """Give ranks > 0 their own dropout and position-offset streams (rank 0 keeps the 1-process ones)."""
+    def seed_rank_streams(self, seed: int) -> None:
+        """Give ranks > 0 their own dropout stream (rank 0 keeps the 1-process one)."""
         if self.rank:
             torch.manual_seed(seed * 1_000_003 + self.rank)
-            gen.manual_seed((seed + 1) * 1_000_003 + self.rank)
+
+    def segment_offsets(self, high: int, nseg: int, gen: torch.Generator) -> torch.Tensor:
+        """(nseg + 1,) random position offsets in [0, high) for this rank's segments (the last entry is
+        for the tail padding). Every rank draws one vector for all ranks' segments, in global batch order,
+        from the same generator state and keeps its slice, so W ranks reproduce the 1-process offsets."""
+        if not self.enabled:
+            return torch.randint(0, high, (nseg + 1,), generator=gen)
+        counts = torch.zeros(self.world_size, dtype=torch.int64, device=self._comm_device())
+        counts[self.rank] = nseg
+        dist.all_reduce(counts)
+        counts = counts.tolist()
+        start = sum(counts[:self.rank])
+        off = torch.randint(0, high, (sum(counts) + 1,), generator=gen)
+        return off[start:start + nseg + 1]
 
     def to_device(self, *tensors: torch.Tensor):
         if self.device.type == "cpu":

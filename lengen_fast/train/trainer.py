@@ -61,7 +61,7 @@ def model_inputs(batch, strategy: str, gen: torch.Generator | None, pos_offset_m
     nseg = cu.numel() - 1
     positions = torch.where(seg < nseg, positions, torch.zeros_like(positions))      # tail padding -> 0
     if gen is not None and pos_offset_max > 0:
-        off = torch.randint(0, pos_offset_max + 1, (nseg + 1,), generator=gen)
+        off = distributed.context().segment_offsets(pos_offset_max + 1, nseg, gen)  # dist: rank-invariant
         positions = positions + torch.where(seg < nseg, off[seg.clamp(max=nseg)], torch.zeros_like(positions))
     max_seqlen = int((cu[1:] - cu[:-1]).max()) if nseg else 1
     return tokens, cu, max_seqlen, positions, labels
@@ -136,7 +136,7 @@ class Trainer:
                                      betas=(0.9, 0.95))
         self.loader = make_loader(table, strategy, cfg, seed, max_len)
         self.gen = torch.Generator().manual_seed(seed + 1)
-        self.dist.seed_rank_streams(seed, self.gen)
+        self.dist.seed_rank_streams(seed)
         tr = cfg.train
         self.stopper = EarlyStopper(tr.early_stop_drop, tr.early_stop_min_best, tr.early_stop, tr.early_stop_patience)
         self.step, self.tokens, self.train_time, self.flops = 0, 0, 0.0, 0.0
