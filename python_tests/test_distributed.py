@@ -19,7 +19,6 @@ from lengen_fast.train import cli, distributed
 from lengen_fast.train import tasks as T
 from lengen_fast.train.config import RunConfig
 from lengen_fast.train.model import Transformer
-from lengen_fast.train.trainer import make_loader
 
 WORLD = 2
 STEPS = 20

@@ -17,10 +17,12 @@ Design, so that a W-process run with ``tokens_per_batch`` T reproduces the 1-pro
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -104,7 +106,6 @@ def check_config(cfg, seq_lens) -> None:
         lens |= {1 << k for k in range(max(seq_lens).bit_length())}  # every vsl bucket length
     check_world_size(tr.tokens_per_batch, lens, world)
     if cfg.resume:
-        from pathlib import Path
         for ck in sorted(Path(cfg.out).glob("ckpt/*/last.pt")):
             check_resume_world(torch.load(ck, map_location="cpu", weights_only=False), world, ck)
 
@@ -208,10 +209,6 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
     def written(self, path) -> None:
         """After rank 0 wrote ``path``: wait for it, and check every rank can read it (resume and
         restore_best read checkpoints on every rank, so --out must be on a filesystem all nodes share)."""
@@ -250,7 +247,6 @@ class DistContext:
     def plain_copy(self, model: nn.Module, build) -> nn.Module:
         """A CPU copy of ``model`` that is an ordinary module (FSDP modules cannot be deep-copied)."""
         if not self.fsdp:
-            import copy
             return copy.deepcopy(model).cpu()
         state = self.model_state(model)
         obj = [state]
