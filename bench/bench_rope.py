@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import measure, print_table, record  # noqa: E402
 
 from lengen_fast import backends  # noqa: E402
-from lengen_fast.reference import apply_rope_ref, positions_from_cu_seqlens, rope_cos_sin_ref, rotate_half  # noqa: E402,E501
+from lengen_fast.reference import (apply_rope_ref, positions_from_cu_seqlens, rope_cos_sin_ref,  # noqa: E402
+                                   rotate_half)
 from lengen_fast.rope import RopeScaling, apply_rope, rope_frequencies  # noqa: E402
 
 QUICK = os.environ.get("LENGEN_BENCH_QUICK") == "1"

@@ -6,7 +6,6 @@ initialisation for every kind); ``reference.apply_rope_ref`` is the spec of the 
 (no cos/sin cache) and find each token's position inside its document by a binary search over
 cu_seqlens, one token per work item.
 """
-from __future__ import annotations
 
 import math
 from dataclasses import dataclass
@@ -275,36 +274,27 @@ def _impl_reference(q, k, qo, ko, inv_freq, cu, pos, offset, af, interleaved):
     ko.copy_(rk)
 
 
-def _kernel_args(q, k, qo, ko, cu, pos):
+def _ext_args(q, k, qo, ko, inv_freq, cu, pos, offset, af, interleaved) -> tuple:
+    """Positional arguments of rope_apply_cpu / rope_apply_cuda for (B, S, H, D) views."""
     B, S, Hq, D = q.shape
-    return dict(B=B, S=S, Hq=Hq, Hk=k.shape[2], D=D,
-                q_strides=list(q.stride()), qo_strides=list(qo.stride()),
-                k_strides=list(k.stride()), ko_strides=list(ko.stride()),
-                pos_mode=2 if cu is not None else (1 if pos is not None else 0),
-                pos_stride_b=(pos.stride(0) if pos.shape[0] > 1 else 0) if pos is not None else 0,
-                pos_stride_s=pos.stride(1) if pos is not None else 0,
-                n_seq=cu.numel() - 1 if cu is not None else 0)
+    pos_mode = 2 if cu is not None else (1 if pos is not None else 0)
+    return (q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), backends.DTYPE_CODES[q.dtype],
+            B, S, Hq, k.shape[2], D, inv_freq.numel() * 2,
+            list(q.stride()), list(qo.stride()), list(k.stride()), list(ko.stride()), inv_freq.data_ptr(),
+            pos_mode, pos.data_ptr() if pos is not None else 0,
+            (pos.stride(0) if pos.shape[0] > 1 else 0) if pos is not None else 0,  # (1, S) broadcasts over B
+            pos.stride(1) if pos is not None else 0,
+            cu.data_ptr() if cu is not None else 0, cu.numel() - 1 if cu is not None else 0,
+            int(offset), float(af), bool(interleaved))
 
 
-def _impl_cpu(q, k, qo, ko, inv_freq, cu, pos, offset, af, interleaved):
-    a = _kernel_args(q, k, qo, ko, cu, pos)
-    backends.cpu_ext().rope_apply_cpu(
-        q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), backends.DTYPE_CODES[q.dtype],
-        a["B"], a["S"], a["Hq"], a["Hk"], a["D"], inv_freq.numel() * 2,
-        a["q_strides"], a["qo_strides"], a["k_strides"], a["ko_strides"], inv_freq.data_ptr(),
-        a["pos_mode"], pos.data_ptr() if pos is not None else 0, a["pos_stride_b"], a["pos_stride_s"],
-        cu.data_ptr() if cu is not None else 0, a["n_seq"], int(offset), float(af), bool(interleaved))
+def _impl_cpu(*args):
+    backends.cpu_ext().rope_apply_cpu(*_ext_args(*args))
 
 
-def _impl_cuda(q, k, qo, ko, inv_freq, cu, pos, offset, af, interleaved):
-    a = _kernel_args(q, k, qo, ko, cu, pos)
-    backends.cuda_ext().rope_apply_cuda(
-        q.data_ptr(), k.data_ptr(), qo.data_ptr(), ko.data_ptr(), backends.DTYPE_CODES[q.dtype],
-        a["B"], a["S"], a["Hq"], a["Hk"], a["D"], inv_freq.numel() * 2,
-        a["q_strides"], a["qo_strides"], a["k_strides"], a["ko_strides"], inv_freq.data_ptr(),
-        a["pos_mode"], pos.data_ptr() if pos is not None else 0, a["pos_stride_b"], a["pos_stride_s"],
-        cu.data_ptr() if cu is not None else 0, a["n_seq"], int(offset), float(af), bool(interleaved),
-        torch.cuda.current_stream(q.device).cuda_stream)
+def _impl_cuda(*args):
+    stream = torch.cuda.current_stream(args[0].device).cuda_stream
+    backends.cuda_ext().rope_apply_cuda(*_ext_args(*args), stream)
 
 
 def _impl_triton(q, k, qo, ko, inv_freq, cu, pos, offset, af, interleaved):

@@ -340,3 +340,22 @@ def test_quick_preset_end_to_end(tmp_path, capsys):
         assert section.lower() in md.lower()
     for png in ("accuracy_vs_length.png", "curves.png", "boundary.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_text_from_the_embedded_corpus(tmp_path):
+    cfg = TaskConfig(tasks=["text"], train_max_len=8)
+    text = T.load_text(cfg)
+    base = T.text_base(cfg)
+    assert text.vocab == 256 and text.train and text.heldout
+    train_ids = {d.tobytes() for d in text.train}
+    assert not any(d.tobytes() in train_ids for d in text.heldout)  # held out by document
+    L = T.text_train_len(cfg)
+    pieces = T.text_pieces(text.train, (5, L), 50, seed=0)
+    assert len(pieces) == 50 and all(5 <= len(p) <= L and p.min() >= base for p in pieces)
+    ev = T.text_eval(text, 4 * L, 6, "val")
+    assert ev.shape == (6, 4 * L) and ev.min() >= base
+    assert not np.array_equal(ev, T.text_eval(text, 4 * L, 6, "test"))
+    model = Transformer(RunConfig().model, base + text.vocab)
+    from lengen_fast.train.evaluate import loss_by_position
+    losses = loss_by_position(model, ev, [0, L, 2 * L, 4 * L - 1])
+    assert len(losses) == 3 and all(4.0 < x < 7.0 for x in losses)  # untrained: about log(vocab)

@@ -109,7 +109,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     extension: ExtensionConfig = field(default_factory=ExtensionConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    out: str = "lengen_runs/default"
+    out: str = "runs/lengen-train"
     resume: str = ""
     progress: bool = True
 

@@ -130,12 +130,11 @@ def verdicts(report: dict) -> list[str]:
 
 def retrieval_synthesis(report: dict) -> str:
     lens = _lengths(report)
-    groups = {"retrieval (" + ", ".join(RETRIEVAL) + ")": RETRIEVAL,
-              "synthesis (" + ", ".join(SYNTHESIS) + ")": SYNTHESIS}
     lines = ["| kind | strategy | " + " | ".join(f"{_mult(report, n)}" for n in lens) + " |",
              "|---|---|" + "---|" * len(lens)]
-    for name, tasks in groups.items():
+    for kind, tasks in (("retrieval", RETRIEVAL), ("synthesis", SYNTHESIS)):
         present = [t for t in tasks if t in report["config"]["task"]["tasks"]]
+        name = f"{kind} ({', '.join(present or tasks)})"
         if not present:
             lines.append(f"| {name} | (no such task in this run) |" + " |" * len(lens))
             continue
@@ -246,6 +245,7 @@ def markdown(report: dict) -> str:
 
 def plots(report: dict, out: Path) -> list[Path]:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -257,14 +257,17 @@ def plots(report: dict, out: Path) -> list[Path]:
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            for s in strategies:
+            for i, s in enumerate(strategies):  # small x shifts and distinct markers keep equal curves visible
                 acc = [_acc(report, s, task, n) for n in lens]
-                ax.errorbar([int(n) for n in lens], [np.mean(a) for a in acc], yerr=[np.std(a) for a in acc],
-                            marker="o", capsize=3, label=s)
+                ax.errorbar([int(n) * (1 + 0.02 * (i - 1.5)) for n in lens], [np.mean(a) for a in acc],
+                            yerr=[np.std(a) for a in acc], marker="osD^v"[i % 5], ls=["-", "--", "-.", ":"][i % 4],
+                            capsize=3, label=s)
             ax.axvline(L, color="gray", ls=":", lw=1)
             ax.set(title=task, xlabel="problem size n (dotted: max training size)", ylabel="exact match",
-                   ylim=(-0.03, 1.03))
-        axes[0][0].legend(fontsize=8)
+                   ylim=(-0.03, 1.03), xscale="log")
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.set_xticks([int(n) for n in lens], lens)
+        axes[0][0].legend(fontsize=8, loc="best")
         fig.tight_layout()
         paths.append(out / "accuracy_vs_length.png")
         fig.savefig(paths[-1], dpi=110)

@@ -27,6 +27,7 @@ SYM0 = 34                      # alphabet symbols; index-hint tokens follow them
 EVAL_MOD = 8
 SYNTHESIS = ("parity", "majority", "addition")
 RETRIEVAL = ("passkey",)
+EMBEDDED_FILES = 400           # stdlib files of the embedded corpus used for text (a few MB of bytes)
 REPEAT_ALPHABET = 4            # copy_repeat draws from this many symbols, so repeats are frequent
 
 
@@ -241,14 +242,14 @@ class TextData:
 
 def load_text(cfg: TaskConfig) -> TextData:
     """Documents from ``cfg.text_source`` (any source the data pipeline opens) or the embedded corpus."""
-    from ..data import embedded_corpus, open_tokens
+    from ..data import BYTE_VOCAB, embedded_corpus, open_tokens
 
-    src = open_tokens(cfg.text_source or embedded_corpus())
+    src = open_tokens(cfg.text_source or embedded_corpus(limit=EMBEDDED_FILES))
     docs = [np.asarray(src.tokens(i), dtype=np.int64) for i in range(len(src))]
     docs = [d for d in docs if len(d) > 1]
     if not docs:
         raise ValueError(f"text source {cfg.text_source or 'embedded corpus'!r} has no documents")
-    vocab = int(src.vocab_size or (max(int(d.max()) for d in docs) + 1))
+    vocab = int(src.vocab_size or (BYTE_VOCAB if not cfg.text_source else max(int(d.max()) for d in docs) + 1))
     base = text_base(cfg)
     train, held = [], []
     for i, d in enumerate(docs):
