@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .config import SECTIONS, STRATEGIES, TASKS, RunConfig, apply_overrides, eval_lengths, load_preset, validate
 from .evaluate import critical_length, distance_buckets, generalization_gap, loss_by_boundary_distance
 from .tasks import (auto_train_examples, eval_set, load_text, make_example, max_train_doc_tokens, text_base, text_eval,
@@ -43,6 +44,7 @@ def plan(cfg: RunConfig) -> dict:
     ext_tc = replace(tc, train_max_len=round(ex.factor * tc.train_max_len))
     ext_seq = next_pow2(max(max_train_doc_tokens(ext_tc), seq_len)) if ex.extend else seq_len
     validate(cfg, doc_max_tokens=max(seq_len, ext_seq))
+    distributed.check_config(cfg, [seq_len, ext_seq])  # dist: backend, world size vs batch, resume
     if ex.extend:
         for kind in ex.scalings:
             make_scaling(kind, ex.factor, seq_len)
@@ -121,7 +123,7 @@ def acc_dict(scored: dict) -> dict:
 def run_experiment(cfg: RunConfig, log=print) -> dict:
     p = plan(cfg)
     tc, tr, ex = cfg.task, cfg.train, cfg.extension
-    torch.set_num_threads(tr.threads or auto_threads())
+    torch.set_num_threads(tr.threads or max(1, auto_threads() // distributed.context().local_world_size))
     out = Path(cfg.out)
     out.mkdir(exist_ok=True)
     text = load_text(tc) if "text" in tc.tasks else None
@@ -180,8 +182,9 @@ def run_experiment(cfg: RunConfig, log=print) -> dict:
         if "pack_naive" in models and "pack_masked" in models:
             docs, masks = boundary_docs(cfg, seed, text)
             bedges = distance_buckets(p["seq_len"])
-            boundary.append({"seed": seed, "edges": bedges, **{
-                s: loss_by_boundary_distance(models[s], docs, masks, p["seq_len"], s == "pack_masked", bedges)
+            boundary.append({"seed": seed, "edges": bedges, **{  # dist: eval_model runs on the device
+                s: loss_by_boundary_distance(distributed.context().eval_model(models[s]), docs, masks, p["seq_len"],
+                                             s == "pack_masked", bedges)
                 for s in ("pack_naive", "pack_masked")}})
     return {"config": cfg.to_dict(), "machine": machine(), "wall_seconds": time.time() - t_start,
             "derived": {"seq_len": p["seq_len"], "doc_max_tokens": p["doc_max"],
@@ -335,8 +338,6 @@ def config_from_args(argv: list[str]) -> tuple[str, RunConfig]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import write_reports
-
     argv = sys.argv[1:] if argv is None else argv
     try:
         cmd, cfg = config_from_args(argv)
@@ -347,9 +348,26 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 for w in caught:
                     print(f"lengen-train: warning: {w.message}", file=sys.stderr)
+        spawn = cfg.dist.nproc > 1 and not distributed.under_launcher()
+        ctx = None if spawn else distributed.init_distributed(cfg.dist.dist_backend, cfg.dist.parallel)
     except (ValueError, TypeError) as e:
         print(f"lengen-train: error: {e}", file=sys.stderr)
         return 2
+    if spawn:  # dist: lengen-train --nproc N relaunches itself as N torchrun workers
+        return distributed.launch(cfg.dist.nproc, argv)
+    try:  # dist: every rank trains and evaluates; rank 0 alone prints and writes
+        return _main(cmd, cfg, ctx.is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _main(cmd: str, cfg: RunConfig, is_main: bool) -> int:
+    from .report import write_reports
+
+    if not is_main:
+        cfg.progress = False
+        run_experiment(cfg, log=lambda *a: None)
+        return 0
     print(f"lengen-train {cmd}: tasks {cfg.task.tasks}, strategies {cfg.train.strategies}, seeds {cfg.train.seeds}, "
           f"{cfg.train.steps} steps x {cfg.train.tokens_per_batch} tokens -> {cfg.out}")
     report = run_experiment(cfg)

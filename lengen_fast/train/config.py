@@ -96,11 +96,20 @@ class ExtensionConfig:
 
 
 @dataclass
+class DistConfig:
+    """Data parallelism (lengen_fast.train.distributed); torchrun sets the world size itself."""
+    nproc: int = 1                      # lengen-train --nproc N: spawn N local workers (loopback rendezvous)
+    dist_backend: str = "auto"          # auto (nccl with CUDA, else gloo) | gloo | nccl
+    parallel: str = "ddp"               # ddp | fsdp (FSDP2 fully_shard, torch >= 2.6)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     extension: ExtensionConfig = field(default_factory=ExtensionConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     out: str = "runs"                   # parent must exist; "runs/" is git-ignored
     resume: str = ""
     progress: bool = True
@@ -115,7 +124,8 @@ class RunConfig:
         return cfg
 
 
-SECTIONS = {"model": ModelConfig, "task": TaskConfig, "train": TrainConfig, "extension": ExtensionConfig}
+SECTIONS = {"model": ModelConfig, "task": TaskConfig, "train": TrainConfig, "extension": ExtensionConfig,
+            "dist": DistConfig}
 
 
 def apply_overrides(cfg: RunConfig, d: dict) -> None:

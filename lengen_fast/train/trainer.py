@@ -7,7 +7,6 @@ checkpoint; the kept (best) model is finally scored on fresh test sets.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..reference import doc_ids_from_cu_seqlens, positions_from_cu_seqlens
+from . import distributed
 from .config import RunConfig
 from .evaluate import EarlyStopper, exact_match, loss_by_position
 from .model import Transformer
@@ -37,7 +36,8 @@ def make_loader(table, strategy: str, cfg: RunConfig, seed: int, max_len: int):
     min_len = 1 << (int(source.lengths.min()).bit_length() - 1) if strategy == "vsl" else 1
     lc = LoaderConfig(strategy=LOADER_STRATEGY[strategy], tokens_per_batch=tr.tokens_per_batch, max_len=max_len,
                       min_len=min(min_len, max_len), curriculum=tr.curriculum if strategy == "vsl" else "natural",
-                      num_cycles=tr.num_cycles, seed=seed, infinite=True, prefetch=0)
+                      num_cycles=tr.num_cycles, seed=seed, infinite=True, prefetch=0,
+                      rank=distributed.context().rank, world_size=distributed.context().world_size)
     return PackedLoader(source, lc)
 
 
@@ -61,7 +61,7 @@ def model_inputs(batch, strategy: str, gen: torch.Generator | None, pos_offset_m
     nseg = cu.numel() - 1
     positions = torch.where(seg < nseg, positions, torch.zeros_like(positions))      # tail padding -> 0
     if gen is not None and pos_offset_max > 0:
-        off = torch.randint(0, pos_offset_max + 1, (nseg + 1,), generator=gen)
+        off = distributed.context().segment_offsets(pos_offset_max + 1, nseg, gen)  # dist: rank-invariant
         positions = positions + torch.where(seg < nseg, off[seg.clamp(max=nseg)], torch.zeros_like(positions))
     max_seqlen = int((cu[1:] - cu[:-1]).max()) if nseg else 1
     return tokens, cu, max_seqlen, positions, labels
@@ -91,6 +91,7 @@ def score(model, sets: list[EvalSet], text: np.ndarray | None, train_max_len: in
     ``learned``) counts 0: a binary task flipping between constant answers (0.4 <-> 0.6) is noise,
     not a drop, and a task that becomes learned only adds to the score.
     """
+    model = distributed.context().eval_model(model)  # dist: sharded over ranks, on the device
     acc, tok = {}, {}
     for es in sets:
         a, t = exact_match(model, es)
@@ -128,9 +129,12 @@ class Trainer:
         self.train_max_len, self.text_edges = train_max_len, text_edges
         self.steps = steps if steps is not None else cfg.train.steps
         torch.manual_seed(seed)
-        self.model = copy.deepcopy(init_model) if init_model is not None else Transformer(cfg.model, vocab_size)
+        self.dist = distributed.context()
+        self.model = (self.dist.plain_copy(init_model, lambda: Transformer(init_model.cfg, init_model.vocab_size))
+                      if init_model is not None else Transformer(cfg.model, vocab_size))
         self.model.rope_scaling = rope_scaling
         self.model.attn_backend = cfg.train.attn_backend or None
+        self.train_model = self.dist.wrap(self.model)  # dist: device, DDP / FSDP2 (before the optimizer)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
@@ -138,6 +142,7 @@ class Trainer:
                                      betas=(0.9, 0.95))
         self.loader = make_loader(table, strategy, cfg, seed, max_len)
         self.gen = torch.Generator().manual_seed(seed + 1)
+        self.dist.seed_rank_streams(seed)
         tr = cfg.train
         self.stopper = EarlyStopper(tr.early_stop_drop, tr.early_stop_min_best, tr.early_stop, tr.early_stop_patience)
         self.step, self.tokens, self.train_time, self.flops = 0, 0, 0.0, 0.0
@@ -174,18 +179,19 @@ class Trainer:
                 "history": self.history, "stopper": self.stopper.state_dict()}
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        tmp.replace(path)
+        state = self.dist.checkpoint_state(self.state_dict(), self.model, self.opt, self.gen)  # collective
+        if self.dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(path)
+        self.dist.written(path)  # the other ranks may read it next (restore_best, resume)
 
     def load(self, path: Path) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=False)
         check_compatible(ck, self.cfg, path)
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["torch_rng"])
-        self.gen.set_state(ck["offset_rng"])
+        self.dist.check_resume(ck, path)
+        self.dist.load_state(ck, self.model, self.opt, self.gen)  # model, optimizer, this rank's RNG
         self.loader.load_state_dict(ck["loader"])
         self.step, self.tokens, self.train_time, self.flops = ck["step"], ck["tokens"], ck["train_time"], ck["flops"]
         self.losses, self.history = ck["losses"], ck["history"]
@@ -207,21 +213,22 @@ class Trainer:
             batch = next(batches)
             tokens, cu, max_seqlen, positions, labels = model_inputs(batch, self.strategy, self.gen,
                                                                      tr.pos_offset_max)
+            tokens, cu, positions, labels = self.dist.to_device(tokens, cu, positions, labels)
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step)
-            logits = model(tokens, cu, max_seqlen, positions)                       # (N, V)
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=-100)
+            logits = self.train_model(tokens, cu, max_seqlen, positions)            # (N, V)
+            loss, loss_value = self.dist.token_mean_loss(logits, labels)  # dist: mean over all ranks' tokens
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if tr.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
             self.opt.step()
             self.step += 1
-            real = int(cu[-1])
-            self.tokens += real
-            self.flops += 6.0 * model.num_params() * real + attention_flops(cu, self.cfg.model.n_layers,
-                                                                           self.cfg.model.d_model)
-            self.losses.append(loss.item())
+            real, attn = self.dist.all_sum(int(cu[-1]), attention_flops(cu, self.cfg.model.n_layers,
+                                                                        self.cfg.model.d_model))
+            self.tokens += int(real)
+            self.flops += 6.0 * model.num_params() * real + attn
+            self.losses.append(loss_value.item())
             self.train_time += time.perf_counter() - t0
             bar.set_postfix(loss=f"{self.losses[-1]:.3f}", tok_s=f"{self.tokens / self.train_time:,.0f}")
             bar.update(1)
@@ -236,7 +243,7 @@ class Trainer:
         """Load the kept best-OOD weights (selected on validation sets) for final scoring."""
         best = self.run_dir / "best.pt"
         if best.exists():
-            self.model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["model"])
+            self.dist.load_model(self.model, torch.load(best, map_location="cpu", weights_only=False)["model"])
 
 
 def check_compatible(ck: dict, cfg: RunConfig, path) -> None:

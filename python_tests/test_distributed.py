@@ -1,0 +1,273 @@
+"""Multi-process data parallelism: CPU, gloo, 2 processes over loopback (127.0.0.1, a free port).
+
+One spawned 2-process group runs every scenario (loader sharding, DDP and FSDP2 training, resume)
+to pay the process start-up once; the 1-process references run in the test process.
+"""
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lengen_fast.train import cli, distributed
+from lengen_fast.train import tasks as T
+from lengen_fast.train.config import RunConfig
+from lengen_fast.train.model import Transformer
+
+WORLD = 2
+STEPS = 20
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(out: Path) -> RunConfig:
+    cfg = RunConfig()
+    m, t, tr = cfg.model, cfg.task, cfg.train
+    m.d_model, m.n_layers, m.n_heads, m.max_positions, m.dropout = 16, 1, 2, 64, 0.0
+    t.tasks, t.train_min_len, t.train_max_len, t.eval_multiples = ["copy_unique", "parity"], 2, 6, [1.0, 2.0]
+    t.train_examples, t.eval_examples, t.alphabet = 150, 9, 16   # 9: uneven eval shards (5 + 4 padded)
+    tr.strategies, tr.tokens_per_batch, tr.steps, tr.eval_every, tr.warmup = ["vsl"], 128, STEPS, 10, 3
+    tr.pos_offset_max, tr.threads, tr.early_stop = 8, 1, False   # offsets: one draw sliced by rank
+    cfg.extension.extend = False
+    cfg.progress = False
+    cfg.out = str(out)
+    return cfg
+
+
+def make_trainer(cfg: RunConfig, name: str, strategy: str = "vsl"):
+    p = cli.plan(cfg)
+    evals = cli.build_evals(cfg, 0, None)
+    return cli.Trainer(cfg, strategy, 0, cli.table_for(cfg, cfg.task, strategy, 0, None), evals,
+                       T.text_base(cfg.task), Path(cfg.out) / "ckpt" / name, max_len=p["seq_len"],
+                       train_max_len=cfg.task.train_max_len, text_edges=cli.text_edges(cfg))
+
+
+def run_summary(t) -> dict:
+    return {"losses": list(t.losses), "tokens": t.tokens, "flops": t.flops,
+            "history": [(h["step"], h["id"], h["ood"], h["acc"]) for h in t.history]}
+
+
+# ------------------------------------------------------------------------------ the 2-process group
+def scenarios(ctx, out: Path) -> dict:
+    cfg = tiny_cfg(out)
+    res = {}
+    # (1)/(2): the trainer's loader over one epoch
+    t = make_trainer(cfg, "loader")
+    loader = t.loader
+    steps = []
+    for s in range(len(loader)):
+        b, seq_len, doc, start, length, _ = loader.pieces(0, s)
+        steps.append((b, seq_len, list(zip(doc.tolist(), start.tolist(), length.tolist()))))
+    res["loader"] = {"steps": steps, "config": (loader.config.rank, loader.config.world_size),
+                     "batch_shapes": [tuple(next(iter(loader)).input_ids.shape)]}
+    # (3) DDP and FSDP2 loss curves; (4) resume: 10 steps, checkpoint, a fresh trainer continues
+    res["ddp"] = run_summary(make_trainer(cfg, "ddp").fit(progress=False))
+    make_trainer(cfg, "part").fit(progress=False, until=STEPS // 2)
+    resumed = make_trainer(cfg, "resumed")
+    resumed.load(out / "ckpt" / "part" / "last.pt")
+    res["resumed"] = run_summary(resumed.fit(progress=False))
+    if distributed.has_fsdp2():
+        distributed._CTX = dataclasses.replace(ctx, parallel="fsdp")
+        res["fsdp"] = run_summary(make_trainer(cfg, "fsdp").fit(progress=False))
+        part = make_trainer(cfg, "fsdp_part").fit(progress=False, until=STEPS // 2)
+        fres = make_trainer(cfg, "fsdp_resumed")
+        fres.load(out / "ckpt" / "fsdp_part" / "last.pt")
+        res["fsdp_resumed"] = run_summary(fres.fit(progress=False))
+        part.restore_best()  # the best weights go back into the sharded model; a plain copy (the
+        # extension study's starting point) gathers them on every rank
+        best = torch.load(out / "ckpt" / "fsdp_part" / "best.pt", weights_only=False)["model"]
+        full = distributed.context().plain_copy(part.model, lambda: Transformer(part.model.cfg, part.model.vocab_size))
+        full = full.state_dict()
+        res["fsdp_best_restored"] = set(full) == set(best) and all(torch.equal(full[k], best[k]) for k in best)
+        distributed._CTX = ctx
+    return res
+
+
+def _worker(rank: int, port: int, out: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = distributed.init_distributed("gloo", "ddp")
+    try:
+        res = scenarios(ctx, Path(out))
+    finally:
+        distributed.shutdown()
+    torch.save(res, Path(out) / f"result_rank{rank}.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return out, [torch.load(out / f"result_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same config in one process: batch 2B where each of the 2 ranks has B."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t = make_trainer(tiny_cfg(tmp_path_factory.mktemp("ref")), "one").fit(progress=False)
+    torch.set_num_threads(n)
+    return run_summary(t), t.loader
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_ranks_see_the_same_bucket_sequence(group):
+    _, res = group
+    assert [r["loader"]["config"] for r in res] == [(0, WORLD), (1, WORLD)]
+    seqs = [[(b, s) for b, s, _ in r["loader"]["steps"]] for r in res]
+    assert seqs[0] == seqs[1]
+    assert len({b for b, _ in seqs[0]}) > 1, "the curriculum should visit several buckets"
+    for b, s, pieces in res[0]["loader"]["steps"]:
+        assert all(length == s for _, _, length in pieces)   # vsl: one piece of length seq_len per row
+    assert res[0]["loader"]["batch_shapes"] == res[1]["loader"]["batch_shapes"] == [(64,)]  # 128 / 2 ranks
+
+
+def test_no_document_piece_twice_per_epoch_and_union_is_the_one_process_epoch(group, reference):
+    _, res = group
+    _, loader1 = reference
+    seen = [p for r in res for _, _, pieces in r["loader"]["steps"] for p in pieces]
+    assert len(seen) == len(set(seen))
+    mine = {(d, s, n) for st in range(len(loader1)) for d, s, n in zip(*(a.tolist() for a in
+                                                                      loader1.pieces(0, st)[2:5]))}
+    assert set(seen) == mine                                 # the ranks split exactly the 1-process epoch
+    for st in range(len(loader1)):                           # ... step by step
+        one = set(zip(*(a.tolist() for a in loader1.pieces(0, st)[2:5])))
+        assert one == {p for r in res for p in r["loader"]["steps"][st][2]}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_batch_b_match_one_process_batch_2b(group, reference, mode):
+    _, res = group
+    if mode not in res[0]:
+        pytest.skip("this torch has no FSDP2")
+    ref, _ = reference
+    for r in res:  # every rank logs the same all-reduced values
+        assert r[mode]["losses"] == res[0][mode]["losses"]
+    got = res[0][mode]
+    assert len(got["losses"]) == len(ref["losses"]) == STEPS
+    # the same token set and gradient: only the fp32 summation order differs (measured 2.5e-7 relative)
+    np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-6, atol=1e-6)
+    assert got["tokens"] == ref["tokens"]                                       # summed over ranks
+    np.testing.assert_allclose(got["flops"], ref["flops"], rtol=1e-12)
+    # sharded evaluation + gather gives the 1-process metrics (9 examples: uneven shards)
+    assert [h[0] for h in got["history"]] == [h[0] for h in ref["history"]] == [10, 20]
+    for (_, gi, go, ga), (_, ri, ro, ra) in zip(got["history"], ref["history"]):
+        assert ga == ra and gi == pytest.approx(ri) and go == pytest.approx(ro)
+
+
+def test_resume_under_two_processes_equals_the_uninterrupted_run(group):
+    out, res = group
+    for r in res:
+        assert r["resumed"]["losses"] == r["ddp"]["losses"]                     # bit-exact on CPU
+        assert r["resumed"]["history"] == r["ddp"]["history"]
+        if "fsdp" in r:
+            assert r["fsdp_resumed"]["losses"] == r["fsdp"]["losses"]
+    assert all(r["fsdp_best_restored"] for r in res if "fsdp" in r)
+    ck = torch.load(out / "ckpt" / "part" / "last.pt", weights_only=False)
+    assert ck["world_size"] == WORLD and ck["step"] == STEPS // 2 and len(ck["rank_rng"]) == WORLD
+    assert not list(out.glob("ckpt/*/*.tmp"))
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_resume_with_a_different_world_size_is_refused(group, tmp_path):
+    out, _ = group
+    t = make_trainer(tiny_cfg(tmp_path), "one")
+    with pytest.raises(ValueError, match="written by a run with world size 2, this run has world size 1"):
+        t.load(out / "ckpt" / "part" / "last.pt")
+    cfg = tiny_cfg(out)
+    cfg.resume = True
+    with pytest.raises(ValueError, match="exact continuation is impossible"):
+        cli.plan(cfg)                                        # caught before any training (1 process)
+    cfg.dist.nproc = 4
+    with pytest.raises(ValueError, match="world size 2, this run has world size 4"):
+        cli.plan(cfg)
+
+
+@pytest.mark.parametrize("tpb,nproc,match", [
+    (128, 16, r"world size 16 does not divide tokens_per_batch / seq_len = 128 / 16 = 8 rows"),
+    (96, 4, r"world size 4 does not divide tokens_per_batch / seq_len = 96 / 16 = 6 rows"),
+    (112, 2, r"world size 2 does not divide tokens_per_batch / seq_len = 112 / 16 = 7 rows"),
+])
+def test_world_size_must_divide_the_rows_per_step(tmp_path, tpb, nproc, match):
+    cfg = tiny_cfg(tmp_path / "x")
+    cfg.train.tokens_per_batch, cfg.dist.nproc = tpb, nproc
+    with pytest.raises(ValueError, match=match):
+        cli.plan(cfg)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: distributed.resolve_backend("nccl", cuda_available=False),
+     "dist_backend 'nccl' is unavailable on this device: CUDA is not available"),
+    (lambda: distributed.resolve_backend("mpi"), r"dist_backend must be one of \('auto', 'gloo', 'nccl'\)"),
+    (lambda: distributed.check_parallel("zero3", 2), "parallel must be one of"),
+    (lambda: distributed.check_world_size(128, [16], 0), "world size must be >= 1"),
+])
+def test_bad_backend_and_mode(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_auto_backend_follows_the_device():
+    assert distributed.resolve_backend("auto", cuda_available=False) == "gloo"
+    assert distributed.resolve_backend("gloo", cuda_available=False) == "gloo"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="nccl is available with CUDA")
+def test_cli_reports_an_unavailable_backend(tmp_path, capsys):
+    argv = ["--nproc", "2", "--dist-backend", "nccl", "--out", str(tmp_path / "r")]
+    assert cli.main(argv) == 2
+    assert "'nccl' is unavailable on this device" in capsys.readouterr().err
+
+
+def test_half_set_launcher_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 is set but .*RANK"):
+        distributed.init_distributed("gloo")
+
+
+def test_single_process_context_is_a_no_op():
+    ctx = distributed.context()
+    assert (ctx.world_size, ctx.rank, ctx.is_main, ctx.enabled) == (1, 0, True, False)
+    m = torch.nn.Linear(3, 3)
+    assert ctx.wrap(m) is m and ctx.eval_model(m) is m
+
+
+# ------------------------------------------------------------------------------- the launcher
+def test_lengen_train_nproc_2_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    flags = ("--nproc 2 --tasks copy_unique --strategies vsl --no-extend --steps 4 --eval-every 2 "
+             "--train-examples 80 --eval-examples 4 --train-max-len 6 --eval-multiples 1,2 --alphabet 16 "
+             "--d-model 16 --n-layers 1 --n-heads 2 --max-positions 128 --tokens-per-batch 128 "
+             "--threads 1 --no-progress")
+    cmd = [sys.executable, "-m", "lengen_fast.train", *flags.split(), "--out", str(out)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("| task | strategy |") == 1         # rank 0 alone prints the table
+    rep = (out / "report.json").read_text()
+    assert '"nproc": 2' in rep
+    assert (out / "ckpt" / "vsl_s0" / "last.pt").exists()
+    assert torch.load(out / "ckpt" / "vsl_s0" / "last.pt", weights_only=False)["world_size"] == 2
