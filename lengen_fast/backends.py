@@ -1,7 +1,8 @@
 """The one place that chooses an implementation per op: cuda, triton, cpu or reference.
 
-Order of precedence: the ``backend=`` argument, then the ``LENGEN_BACKEND`` environment
-variable, then the op's default order for the tensor's device. No other module branches on
+Order of precedence: the ``backend=`` argument (strict: an impossible request raises), then the
+``LENGEN_BACKEND`` environment variable (for the ops that implement it and can run it here), then
+the op's default order for the tensor's device. No other module branches on
 backend; op modules keep a ``{name: impl}`` table and call :func:`select`.
 """
 from __future__ import annotations
@@ -85,7 +86,15 @@ def select(op: str, device: torch.device, backend: str | None = None,
     (argument or LENGEN_BACKEND) that cannot run raises ValueError naming the reason.
     """
     supported = tuple(supported) if supported is not None else BACKENDS
-    requested = backend or os.environ.get("LENGEN_BACKEND") or None
+    requested = backend
+    env = os.environ.get("LENGEN_BACKEND") or None
+    if requested is None and env is not None:
+        if env not in BACKENDS:
+            raise ValueError(f"LENGEN_BACKEND={env!r} is not one of {BACKENDS}")
+        # the environment applies to every op that can honour it (LENGEN_BACKEND=triton must not
+        # break the data loader, which has no Triton path); an explicit backend= is strict
+        if env in supported and available(op, env, device):
+            return env
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend={requested!r} is not one of {BACKENDS}")

@@ -31,3 +31,14 @@ def test_env_override(monkeypatch):
 def test_not_implemented_backend(monkeypatch):
     with pytest.raises(ValueError, match="not implemented for op"):
         backends.select("rope", torch.device("cpu"), backend="triton", supported=("cpu", "reference"))
+
+
+def test_env_override_skips_ops_without_that_backend(monkeypatch):
+    monkeypatch.setenv("LENGEN_BACKEND", "triton")
+    assert backends.select("data", torch.device("cpu"), supported=("cpu", "reference")) in ("cpu", "reference")
+
+
+def test_env_override_unknown(monkeypatch):
+    monkeypatch.setenv("LENGEN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LENGEN_BACKEND='bogus'"):
+        backends.select("rope", torch.device("cpu"))
