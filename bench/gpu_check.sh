@@ -5,7 +5,9 @@
 # 2. runs the GPU tests (pytest -m gpu python_tests),
 # 3. runs the GPU benchmarks (bench_attention.py --gpu-only, bench_rope.py), appending rows to bench/results.csv,
 # 4. copies the new results.csv rows and every log into $OUT when it is set.
-# Each step has its own time limit (seconds; env STEP_TIMEOUT_TESTS / _ATTN / _ROPE) so a hang cannot eat the rest.
+# Each step has its own time limit (seconds; env STEP_TIMEOUT_BUILD / _TESTS / _ATTN / _ROPE) so a hang cannot eat the
+# rest; the defaults fit one 10-minute call of a lent GPU machine. ONLY=tests,attn,rope picks steps (build always runs),
+# e.g. ONLY=tests bash bench/gpu_check.sh, then ONLY=attn,rope bash bench/gpu_check.sh in a second call.
 # Exit status: 0 when every step passed, else 1 (the logs say which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,13 +31,15 @@ step() {  # step NAME TIMEOUT CMD...
 }
 
 nvidia-smi > "$LOGS/nvidia-smi.txt" 2>&1 || true
-step build 900 env LENGEN_CUDA=AUTO bash scripts/dev_build.sh \
+ONLY=${ONLY:-tests,attn,rope}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+step build "${STEP_TIMEOUT_BUILD:-240}" env LENGEN_CUDA=AUTO bash scripts/dev_build.sh \
   || step build_without_cuda_ext 600 env LENGEN_CUDA=OFF bash scripts/dev_build.sh \
   || step build_pip 900 python -m pip install --no-build-isolation --no-deps -e .
 step describe 120 python -c "import json, lengen_fast; print(json.dumps(lengen_fast.backends.describe()))"
-step pytest_gpu "${STEP_TIMEOUT_TESTS:-1200}" python -m pytest -m gpu python_tests -q -p no:cacheprovider
-step bench_attention "${STEP_TIMEOUT_ATTN:-1200}" python bench/bench_attention.py --gpu-only
-[ -f bench/bench_rope.py ] && step bench_rope "${STEP_TIMEOUT_ROPE:-600}" python bench/bench_rope.py
+want tests && step pytest_gpu "${STEP_TIMEOUT_TESTS:-200}" python -m pytest -m gpu python_tests -q -p no:cacheprovider
+want attn && step bench_attention "${STEP_TIMEOUT_ATTN:-120}" python bench/bench_attention.py --gpu-only
+want rope && step bench_rope "${STEP_TIMEOUT_ROPE:-90}" python bench/bench_rope.py
 
 if [ -f "$RESULTS" ]; then
   { head -n 1 "$RESULTS"; tail -n +"$((start_rows + 1))" "$RESULTS" | grep -v '^date,'; } > "$LOGS/results_gpu.csv"
