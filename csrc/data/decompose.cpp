@@ -19,6 +19,8 @@ namespace py = pybind11;
 
 namespace {
 
+constexpr int kMaxBuckets = 64;
+
 inline int ilog2(int64_t x) { return 63 - __builtin_clzll(static_cast<uint64_t>(x)); }
 
 }  // namespace
@@ -43,7 +45,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
 #endif
   // counts[t * (K + 1) + k]: pieces of bucket k found by thread t; then exclusive offsets.
   std::vector<int64_t> counts(static_cast<size_t>(nt) * (K + 1), 0);
-  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0);
+  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0), maxl(nt, 0);
   bool bad = false;
 #pragma omp parallel num_threads(nt)
   {
@@ -52,21 +54,28 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
     t = omp_get_thread_num();
 #endif
     const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-    int64_t* c = &counts[static_cast<size_t>(t) * (K + 1)];
-    int64_t dt = 0, dp = 0;
+    // Thread-local counters: the shared counts rows sit on common cache lines (false sharing),
+    // and a local array lets the compiler keep them out of memory traffic aliasing L.
+    int64_t c[kMaxBuckets + 1] = {};
+    int64_t dt = 0, dp = 0, mx = 0;
     bool b = false;
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t l = L[i];
       if (l < 0) { b = true; continue; }
+      mx = std::max(mx, l);
       c[K - 1] += l >> lmax;
-      const uint64_t r = static_cast<uint64_t>(l & rem_mask);
-      for (uint64_t bits = r >> lmin; bits; bits &= bits - 1) c[__builtin_ctzll(bits)] += 1;
+      // Fixed trip count, no data-dependent branch: random lengths mispredict a set-bit loop.
+      const int64_t r = (l & rem_mask) >> lmin;
+      for (int b = 0; b < K - 1; ++b) c[b] += (r >> b) & 1;
       const int64_t low = l & low_mask;
-      if (low) {
-        if (remainder) c[K] += 1; else { dt += low; dp += 1; }
-      }
+      const int64_t has_low = low != 0;
+      c[K] += has_low;
+      dt += low;
+      dp += has_low;
     }
-    dtok[t] = dt; dpieces[t] = dp;
+    if (remainder) { dt = 0; dp = 0; } else c[K] = 0;
+    std::copy(c, c + K + 1, &counts[static_cast<size_t>(t) * (K + 1)]);
+    dtok[t] = dt; dpieces[t] = dp; maxl[t] = mx;
     if (b) {
 #pragma omp critical
       bad = true;
@@ -86,7 +95,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
   // Index arrays are int32 when every document index and offset fits: half the output bytes,
   // and writing (page-faulting) the output is most of the cost.
   int64_t max_len_doc = 0;
-  for (int64_t i = 0; i < n; ++i) max_len_doc = std::max(max_len_doc, L[i]);
+  for (int t = 0; t < nt; ++t) max_len_doc = std::max(max_len_doc, maxl[t]);
   const bool narrow = n < (int64_t(1) << 31) && max_len_doc < (int64_t(1) << 31);
   py::list dl, sl;
   py::object rd, rs, rlen;
@@ -111,10 +120,18 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
         t = omp_get_thread_num();
 #endif
         const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-        std::vector<int64_t> pos(counts.begin() + static_cast<size_t>(t) * (K + 1),
-                                 counts.begin() + static_cast<size_t>(t + 1) * (K + 1));
-        I* d_top = dptr[K - 1];
-        I* s_top = sptr[K - 1];
+        // Thread-local write cursors and base pointers (see the counting pass).
+        int64_t pos[kMaxBuckets + 1];
+        I* dp_[kMaxBuckets + 1];
+        I* sp_[kMaxBuckets + 1];
+        for (int k = 0; k <= K; ++k) {
+          pos[k] = counts[static_cast<size_t>(t) * (K + 1) + k];
+          dp_[k] = dptr[k];
+          sp_[k] = sptr[k];
+        }
+        I scratch[2];
+        I* d_top = dp_[K - 1];
+        I* s_top = sp_[K - 1];
         for (int64_t i = lo; i < hi; ++i) {
           const int64_t l = L[i];
           const int64_t q = l >> lmax;
@@ -122,20 +139,24 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
             d_top[pos[K - 1]] = static_cast<I>(i);
             s_top[pos[K - 1]++] = static_cast<I>(j << lmax);
           }
-          const int64_t base = q << lmax;
-          const int64_t r = l & rem_mask;
-          // Largest bit first: the piece for bit k starts after the higher bits of r.
-          for (int k = lmax - 1; k >= lmin; --k) {
-            if ((r >> k) & 1) {
-              const int b = k - lmin;
-              dptr[b][pos[b]] = static_cast<I>(i);
-              sptr[b][pos[b]++] = static_cast<I>(base + ((r >> (k + 1)) << (k + 1)));
-            }
+          // Pieces are laid out largest first, so the piece for bit k starts where the bits
+          // above k end: l with bits 0..k cleared. Branch-free over the buckets (random bits
+          // mispredict a set-bit loop): a clear bit writes to a scratch slot and does not advance.
+          const int64_t r = (l & rem_mask) >> lmin;
+          for (int b = 0; b < K - 1; ++b) {
+            const int64_t bit = (r >> b) & 1;
+            const int64_t k1 = b + lmin + 1;
+            const int64_t pb = pos[b];
+            I* dd = bit ? dp_[b] + pb : scratch;
+            I* ss = bit ? sp_[b] + pb : scratch + 1;
+            *dd = static_cast<I>(i);
+            *ss = static_cast<I>((l >> k1) << k1);
+            pos[b] = pb + bit;
           }
           const int64_t low = l & low_mask;
           if (low && remainder) {
-            dptr[K][pos[K]] = static_cast<I>(i);
-            sptr[K][pos[K]] = static_cast<I>(base + (r - low));
+            dp_[K][pos[K]] = static_cast<I>(i);
+            sp_[K][pos[K]] = static_cast<I>(l - low);
             rl[pos[K]++] = static_cast<I>(low);
           }
         }
