@@ -26,7 +26,7 @@ inline int ilog2(int64_t x) { return 63 - __builtin_clzll(static_cast<uint64_t>(
 }  // namespace
 
 // lengths: (N,) int64. Returns (doc_arrays, start_arrays, rem_doc, rem_start, rem_len, dropped_tokens,
-// dropped_pieces) with one (doc, start) array pair per bucket k (piece length min_len << k), int32
+// dropped_pieces, total_tokens, empty_docs) with one (doc, start) array pair per bucket k (piece length min_len << k), int32
 // when all indices fit, else int64.
 py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64_t min_len,
                          int64_t max_len, bool remainder) {
@@ -45,7 +45,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
 #endif
   // counts[t * (K + 1) + k]: pieces of bucket k found by thread t; then exclusive offsets.
   std::vector<int64_t> counts(static_cast<size_t>(nt) * (K + 1), 0);
-  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0), maxl(nt, 0);
+  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0), maxl(nt, 0), sum(nt, 0), empty(nt, 0);
   bool bad = false;
 #pragma omp parallel num_threads(nt)
   {
@@ -57,25 +57,38 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
     // Thread-local counters: the shared counts rows sit on common cache lines (false sharing),
     // and a local array lets the compiler keep them out of memory traffic aliasing L.
     int64_t c[kMaxBuckets + 1] = {};
-    int64_t dt = 0, dp = 0, mx = 0;
-    bool b = false;
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t l = L[i];
-      if (l < 0) { b = true; continue; }
-      mx = std::max(mx, l);
-      c[K - 1] += l >> lmax;
-      // Fixed trip count, no data-dependent branch: random lengths mispredict a set-bit loop.
-      const int64_t r = (l & rem_mask) >> lmin;
-      for (int b = 0; b < K - 1; ++b) c[b] += (r >> b) & 1;
-      const int64_t low = l & low_mask;
-      const int64_t has_low = low != 0;
-      c[K] += has_low;
-      dt += low;
-      dp += has_low;
+    int64_t dt = 0, dp = 0, mx = 0, sm = 0, ne = 0, neg = 0;
+    // Blocks that stay in L1, one branch-free (vectorizable) loop per statistic and bit:
+    // random lengths would mispredict a per-document set-bit loop.
+    constexpr int64_t kBlock = 2048;
+    for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+      const int64_t i1 = std::min(hi, i0 + kBlock);
+      int64_t top = 0, has = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t l = L[i];
+        neg |= l;
+        mx = std::max(mx, l);
+        sm += l;
+        ne += l == 0;
+        top += l >> lmax;
+        const int64_t low = l & low_mask;
+        dt += low;
+        has += low != 0;
+      }
+      c[K - 1] += top;
+      c[K] += has;
+      for (int k = 0; k < K - 1; ++k) {
+        const int sh = lmin + k;
+        int64_t cnt = 0;
+        for (int64_t i = i0; i < i1; ++i) cnt += (L[i] >> sh) & 1;
+        c[k] += cnt;
+      }
     }
+    dp = c[K];
+    const bool b = neg < 0;
     if (remainder) { dt = 0; dp = 0; } else c[K] = 0;
     std::copy(c, c + K + 1, &counts[static_cast<size_t>(t) * (K + 1)]);
-    dtok[t] = dt; dpieces[t] = dp; maxl[t] = mx;
+    dtok[t] = dt; dpieces[t] = dp; maxl[t] = mx; sum[t] = sm; empty[t] = ne;
     if (b) {
 #pragma omp critical
       bad = true;
@@ -171,7 +184,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
     rlen = rem_len;
   };
   if (narrow) run(int32_t{}); else run(int64_t{});
-  int64_t dt = 0, dp = 0;
-  for (int t = 0; t < nt; ++t) { dt += dtok[t]; dp += dpieces[t]; }
-  return py::make_tuple(dl, sl, rd, rs, rlen, dt, dp);
+  int64_t dt = 0, dp = 0, sm = 0, ne = 0;
+  for (int t = 0; t < nt; ++t) { dt += dtok[t]; dp += dpieces[t]; sm += sum[t]; ne += empty[t]; }
+  return py::make_tuple(dl, sl, rd, rs, rlen, dt, dp, sm, ne);
 }
