@@ -37,7 +37,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
   const int64_t* L = lengths.data();
   const int lmin = ilog2(min_len), lmax = ilog2(max_len);
   const int K = lmax - lmin + 1;  // buckets; index K is the remainder bucket
-  const int64_t low_mask = min_len - 1, rem_mask = max_len - 1;
+  const int64_t low_mask = min_len - 1;
   int nt = 1;
 #ifdef _OPENMP
   nt = omp_get_max_threads();
@@ -145,32 +145,43 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
         I scratch[2];
         I* d_top = dp_[K - 1];
         I* s_top = sp_[K - 1];
-        for (int64_t i = lo; i < hi; ++i) {
-          const int64_t l = L[i];
-          const int64_t q = l >> lmax;
-          for (int64_t j = 0; j < q; ++j) {
-            d_top[pos[K - 1]] = static_cast<I>(i);
-            s_top[pos[K - 1]++] = static_cast<I>(j << lmax);
-          }
+        constexpr int64_t kBlock = 2048;
+        for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+          const int64_t i1 = std::min(hi, i0 + kBlock);
           // Pieces are laid out largest first, so the piece for bit k starts where the bits
-          // above k end: l with bits 0..k cleared. Branch-free over the buckets (random bits
-          // mispredict a set-bit loop): a clear bit writes to a scratch slot and does not advance.
-          const int64_t r = (l & rem_mask) >> lmin;
+          // above k end: l with bits 0..k cleared. One branch-free loop per bucket over an
+          // L1-resident block (random bits mispredict a set-bit loop; the cursor stays in a
+          // register): a clear bit writes to a scratch slot and does not advance.
           for (int b = 0; b < K - 1; ++b) {
-            const int64_t bit = (r >> b) & 1;
-            const int64_t k1 = b + lmin + 1;
-            const int64_t pb = pos[b];
-            I* dd = bit ? dp_[b] + pb : scratch;
-            I* ss = bit ? sp_[b] + pb : scratch + 1;
-            *dd = static_cast<I>(i);
-            *ss = static_cast<I>((l >> k1) << k1);
-            pos[b] = pb + bit;
+            const int sh = b + lmin, k1 = sh + 1;
+            I* db = dp_[b];
+            I* sb = sp_[b];
+            int64_t pb = pos[b];
+            for (int64_t i = i0; i < i1; ++i) {
+              const int64_t l = L[i];
+              const int64_t bit = (l >> sh) & 1;
+              I* dd = bit ? db + pb : scratch;
+              I* ss = bit ? sb + pb : scratch + 1;
+              *dd = static_cast<I>(i);
+              *ss = static_cast<I>((l >> k1) << k1);
+              pb += bit;
+            }
+            pos[b] = pb;
           }
-          const int64_t low = l & low_mask;
-          if (low && remainder) {
-            dp_[K][pos[K]] = static_cast<I>(i);
-            sp_[K][pos[K]] = static_cast<I>(l - low);
-            rl[pos[K]++] = static_cast<I>(low);
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t l = L[i];
+            const int64_t q = l >> lmax;
+            for (int64_t j = 0; j < q; ++j) {
+              d_top[pos[K - 1]] = static_cast<I>(i);
+              s_top[pos[K - 1]++] = static_cast<I>(j << lmax);
+            }
+            if (!remainder) continue;
+            const int64_t low = l & low_mask;
+            if (low) {
+              dp_[K][pos[K]] = static_cast<I>(i);
+              sp_[K][pos[K]] = static_cast<I>(l - low);
+              rl[pos[K]++] = static_cast<I>(low);
+            }
           }
         }
       }
