@@ -160,8 +160,12 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
             for (int64_t i = i0; i < i1; ++i) {
               const int64_t l = L[i];
               const int64_t bit = (l >> sh) & 1;
-              I* dd = bit ? db + pb : scratch;
-              I* ss = bit ? sb + pb : scratch + 1;
+              // Address select by mask, not `bit ? a : b`, which the compiler may turn into a branch.
+              const uintptr_t m = static_cast<uintptr_t>(-bit);
+              const uintptr_t s0 = reinterpret_cast<uintptr_t>(scratch);
+              I* dd = reinterpret_cast<I*>(s0 ^ ((reinterpret_cast<uintptr_t>(db + pb) ^ s0) & m));
+              I* ss = reinterpret_cast<I*>((s0 + sizeof(I)) ^
+                                           ((reinterpret_cast<uintptr_t>(sb + pb) ^ (s0 + sizeof(I))) & m));
               *dd = static_cast<I>(i);
               *ss = static_cast<I>((l >> k1) << k1);
               pb += bit;
