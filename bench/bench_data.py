@@ -50,7 +50,7 @@ def bench_decompose():
     cfg = {"n_docs": n, "dist": "lognormal(mean=1000, sigma=1.2)", "min_len": 256, "max_len": 8192}
     rows = []
     if backends.cpu_ext() is not None:
-        t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=5)
+        t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=9)
         rows.append(record("decompose", cfg, "lengen C++ (OpenMP)", t, throughput=n / t.median_ms / 1e3,
                            unit="Mdocs/s", note=f"cpu_s={cpu:.3f} threads={backends.cpu_ext().num_threads()} {_load()}"))
     t, cpu = timed(lambda: decompose_numpy(lengths, 256, 8192), reps=3)
