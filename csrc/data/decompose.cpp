@@ -134,11 +134,12 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
 #endif
         const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
         // Thread-local write cursors and base pointers (see the counting pass).
-        int64_t pos[kMaxBuckets + 1];
+        int64_t pos[kMaxBuckets + 1], end[kMaxBuckets + 1];  // end: first slot of the next thread
         I* dp_[kMaxBuckets + 1];
         I* sp_[kMaxBuckets + 1];
         for (int k = 0; k <= K; ++k) {
           pos[k] = counts[static_cast<size_t>(t) * (K + 1) + k];
+          end[k] = t + 1 < nt ? counts[static_cast<size_t>(t + 1) * (K + 1) + k] : total[k];
           dp_[k] = dptr[k];
           sp_[k] = sptr[k];
         }
@@ -151,24 +152,36 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
           // Pieces are laid out largest first, so the piece for bit k starts where the bits
           // above k end: l with bits 0..k cleared. One branch-free loop per bucket over an
           // L1-resident block (random bits mispredict a set-bit loop; the cursor stays in a
-          // register): a clear bit writes to a scratch slot and does not advance.
+          // register).
           for (int b = 0; b < K - 1; ++b) {
             const int sh = b + lmin, k1 = sh + 1;
             I* db = dp_[b];
             I* sb = sp_[b];
             int64_t pb = pos[b];
-            for (int64_t i = i0; i < i1; ++i) {
-              const int64_t l = L[i];
-              const int64_t bit = (l >> sh) & 1;
-              // Address select by mask, not `bit ? a : b`, which the compiler may turn into a branch.
-              const uintptr_t m = static_cast<uintptr_t>(-bit);
-              const uintptr_t s0 = reinterpret_cast<uintptr_t>(scratch);
-              I* dd = reinterpret_cast<I*>(s0 ^ ((reinterpret_cast<uintptr_t>(db + pb) ^ s0) & m));
-              I* ss = reinterpret_cast<I*>((s0 + sizeof(I)) ^
-                                           ((reinterpret_cast<uintptr_t>(sb + pb) ^ (s0 + sizeof(I))) & m));
-              *dd = static_cast<I>(i);
-              *ss = static_cast<I>((l >> k1) << k1);
-              pb += bit;
+            if (pb + (i1 - i0) <= end[b]) {
+              // Every slot this block can touch is this thread's: write unconditionally and
+              // advance only on a set bit (a later piece overwrites a clear bit's write).
+              for (int64_t i = i0; i < i1; ++i) {
+                const int64_t l = L[i];
+                db[pb] = static_cast<I>(i);
+                sb[pb] = static_cast<I>((l >> k1) << k1);
+                pb += (l >> sh) & 1;
+              }
+            } else {
+              for (int64_t i = i0; i < i1; ++i) {
+                const int64_t l = L[i];
+                const int64_t bit = (l >> sh) & 1;
+                // Near the end of the thread's range a clear bit writes to a scratch slot, chosen
+                // by mask: the compiler turns `bit ? a : b` into a branch.
+                const uintptr_t m = static_cast<uintptr_t>(-bit);
+                const uintptr_t s0 = reinterpret_cast<uintptr_t>(scratch);
+                I* dd = reinterpret_cast<I*>(s0 ^ ((reinterpret_cast<uintptr_t>(db + pb) ^ s0) & m));
+                I* ss = reinterpret_cast<I*>((s0 + sizeof(I)) ^
+                                             ((reinterpret_cast<uintptr_t>(sb + pb) ^ (s0 + sizeof(I))) & m));
+                *dd = static_cast<I>(i);
+                *ss = static_cast<I>((l >> k1) << k1);
+                pb += bit;
+              }
             }
             pos[b] = pb;
           }
