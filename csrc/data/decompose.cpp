@@ -19,12 +19,14 @@ namespace py = pybind11;
 
 namespace {
 
+constexpr int kMaxBuckets = 64;
+
 inline int ilog2(int64_t x) { return 63 - __builtin_clzll(static_cast<uint64_t>(x)); }
 
 }  // namespace
 
 // lengths: (N,) int64. Returns (doc_arrays, start_arrays, rem_doc, rem_start, rem_len, dropped_tokens,
-// dropped_pieces) with one (doc, start) array pair per bucket k (piece length min_len << k), int32
+// dropped_pieces, total_tokens, empty_docs) with one (doc, start) array pair per bucket k (piece length min_len << k), int32
 // when all indices fit, else int64.
 py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64_t min_len,
                          int64_t max_len, bool remainder) {
@@ -35,7 +37,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
   const int64_t* L = lengths.data();
   const int lmin = ilog2(min_len), lmax = ilog2(max_len);
   const int K = lmax - lmin + 1;  // buckets; index K is the remainder bucket
-  const int64_t low_mask = min_len - 1, rem_mask = max_len - 1;
+  const int64_t low_mask = min_len - 1;
   int nt = 1;
 #ifdef _OPENMP
   nt = omp_get_max_threads();
@@ -43,7 +45,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
 #endif
   // counts[t * (K + 1) + k]: pieces of bucket k found by thread t; then exclusive offsets.
   std::vector<int64_t> counts(static_cast<size_t>(nt) * (K + 1), 0);
-  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0);
+  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0), maxl(nt, 0), sum(nt, 0), empty(nt, 0);
   bool bad = false;
 #pragma omp parallel num_threads(nt)
   {
@@ -52,21 +54,41 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
     t = omp_get_thread_num();
 #endif
     const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-    int64_t* c = &counts[static_cast<size_t>(t) * (K + 1)];
-    int64_t dt = 0, dp = 0;
-    bool b = false;
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t l = L[i];
-      if (l < 0) { b = true; continue; }
-      c[K - 1] += l >> lmax;
-      const uint64_t r = static_cast<uint64_t>(l & rem_mask);
-      for (uint64_t bits = r >> lmin; bits; bits &= bits - 1) c[__builtin_ctzll(bits)] += 1;
-      const int64_t low = l & low_mask;
-      if (low) {
-        if (remainder) c[K] += 1; else { dt += low; dp += 1; }
+    // Thread-local counters: the shared counts rows sit on common cache lines (false sharing),
+    // and a local array lets the compiler keep them out of memory traffic aliasing L.
+    int64_t c[kMaxBuckets + 1] = {};
+    int64_t dt = 0, dp = 0, mx = 0, sm = 0, ne = 0, neg = 0;
+    // Blocks that stay in L1, one branch-free (vectorizable) loop per statistic and bit:
+    // random lengths would mispredict a per-document set-bit loop.
+    constexpr int64_t kBlock = 2048;
+    for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+      const int64_t i1 = std::min(hi, i0 + kBlock);
+      int64_t top = 0, has = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t l = L[i];
+        neg |= l;
+        mx = std::max(mx, l);
+        sm += l;
+        ne += l == 0;
+        top += l >> lmax;
+        const int64_t low = l & low_mask;
+        dt += low;
+        has += low != 0;
+      }
+      c[K - 1] += top;
+      c[K] += has;
+      for (int k = 0; k < K - 1; ++k) {
+        const int sh = lmin + k;
+        int64_t cnt = 0;
+        for (int64_t i = i0; i < i1; ++i) cnt += (L[i] >> sh) & 1;
+        c[k] += cnt;
       }
     }
-    dtok[t] = dt; dpieces[t] = dp;
+    dp = c[K];
+    const bool b = neg < 0;
+    if (remainder) { dt = 0; dp = 0; } else c[K] = 0;
+    std::copy(c, c + K + 1, &counts[static_cast<size_t>(t) * (K + 1)]);
+    dtok[t] = dt; dpieces[t] = dp; maxl[t] = mx; sum[t] = sm; empty[t] = ne;
     if (b) {
 #pragma omp critical
       bad = true;
@@ -86,7 +108,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
   // Index arrays are int32 when every document index and offset fits: half the output bytes,
   // and writing (page-faulting) the output is most of the cost.
   int64_t max_len_doc = 0;
-  for (int64_t i = 0; i < n; ++i) max_len_doc = std::max(max_len_doc, L[i]);
+  for (int t = 0; t < nt; ++t) max_len_doc = std::max(max_len_doc, maxl[t]);
   const bool narrow = n < (int64_t(1) << 31) && max_len_doc < (int64_t(1) << 31);
   py::list dl, sl;
   py::object rd, rs, rlen;
@@ -111,32 +133,72 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
         t = omp_get_thread_num();
 #endif
         const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-        std::vector<int64_t> pos(counts.begin() + static_cast<size_t>(t) * (K + 1),
-                                 counts.begin() + static_cast<size_t>(t + 1) * (K + 1));
-        I* d_top = dptr[K - 1];
-        I* s_top = sptr[K - 1];
-        for (int64_t i = lo; i < hi; ++i) {
-          const int64_t l = L[i];
-          const int64_t q = l >> lmax;
-          for (int64_t j = 0; j < q; ++j) {
-            d_top[pos[K - 1]] = static_cast<I>(i);
-            s_top[pos[K - 1]++] = static_cast<I>(j << lmax);
-          }
-          const int64_t base = q << lmax;
-          const int64_t r = l & rem_mask;
-          // Largest bit first: the piece for bit k starts after the higher bits of r.
-          for (int k = lmax - 1; k >= lmin; --k) {
-            if ((r >> k) & 1) {
-              const int b = k - lmin;
-              dptr[b][pos[b]] = static_cast<I>(i);
-              sptr[b][pos[b]++] = static_cast<I>(base + ((r >> (k + 1)) << (k + 1)));
+        // Thread-local write cursors and base pointers (see the counting pass).
+        int64_t pos[kMaxBuckets + 1], end[kMaxBuckets + 1];  // end: first slot of the next thread
+        I* dp_[kMaxBuckets + 1];
+        I* sp_[kMaxBuckets + 1];
+        for (int k = 0; k <= K; ++k) {
+          pos[k] = counts[static_cast<size_t>(t) * (K + 1) + k];
+          end[k] = t + 1 < nt ? counts[static_cast<size_t>(t + 1) * (K + 1) + k] : total[k];
+          dp_[k] = dptr[k];
+          sp_[k] = sptr[k];
+        }
+        I scratch[2];
+        I* d_top = dp_[K - 1];
+        I* s_top = sp_[K - 1];
+        constexpr int64_t kBlock = 2048;
+        for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+          const int64_t i1 = std::min(hi, i0 + kBlock);
+          // Pieces are laid out largest first, so the piece for bit k starts where the bits
+          // above k end: l with bits 0..k cleared. One branch-free loop per bucket over an
+          // L1-resident block (random bits mispredict a set-bit loop; the cursor stays in a
+          // register).
+          for (int b = 0; b < K - 1; ++b) {
+            const int sh = b + lmin, k1 = sh + 1;
+            I* db = dp_[b];
+            I* sb = sp_[b];
+            int64_t pb = pos[b];
+            if (pb + (i1 - i0) <= end[b]) {
+              // Every slot this block can touch is this thread's: write unconditionally and
+              // advance only on a set bit (a later piece overwrites a clear bit's write).
+              for (int64_t i = i0; i < i1; ++i) {
+                const int64_t l = L[i];
+                db[pb] = static_cast<I>(i);
+                sb[pb] = static_cast<I>((l >> k1) << k1);
+                pb += (l >> sh) & 1;
+              }
+            } else {
+              for (int64_t i = i0; i < i1; ++i) {
+                const int64_t l = L[i];
+                const int64_t bit = (l >> sh) & 1;
+                // Near the end of the thread's range a clear bit writes to a scratch slot, chosen
+                // by mask: the compiler turns `bit ? a : b` into a branch.
+                const uintptr_t m = static_cast<uintptr_t>(-bit);
+                const uintptr_t s0 = reinterpret_cast<uintptr_t>(scratch);
+                I* dd = reinterpret_cast<I*>(s0 ^ ((reinterpret_cast<uintptr_t>(db + pb) ^ s0) & m));
+                I* ss = reinterpret_cast<I*>((s0 + sizeof(I)) ^
+                                             ((reinterpret_cast<uintptr_t>(sb + pb) ^ (s0 + sizeof(I))) & m));
+                *dd = static_cast<I>(i);
+                *ss = static_cast<I>((l >> k1) << k1);
+                pb += bit;
+              }
             }
+            pos[b] = pb;
           }
-          const int64_t low = l & low_mask;
-          if (low && remainder) {
-            dptr[K][pos[K]] = static_cast<I>(i);
-            sptr[K][pos[K]] = static_cast<I>(base + (r - low));
-            rl[pos[K]++] = static_cast<I>(low);
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t l = L[i];
+            const int64_t q = l >> lmax;
+            for (int64_t j = 0; j < q; ++j) {
+              d_top[pos[K - 1]] = static_cast<I>(i);
+              s_top[pos[K - 1]++] = static_cast<I>(j << lmax);
+            }
+            if (!remainder) continue;
+            const int64_t low = l & low_mask;
+            if (low) {
+              dp_[K][pos[K]] = static_cast<I>(i);
+              sp_[K][pos[K]] = static_cast<I>(l - low);
+              rl[pos[K]++] = static_cast<I>(low);
+            }
           }
         }
       }
@@ -150,7 +212,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
     rlen = rem_len;
   };
   if (narrow) run(int32_t{}); else run(int64_t{});
-  int64_t dt = 0, dp = 0;
-  for (int t = 0; t < nt; ++t) { dt += dtok[t]; dp += dpieces[t]; }
-  return py::make_tuple(dl, sl, rd, rs, rlen, dt, dp);
+  int64_t dt = 0, dp = 0, sm = 0, ne = 0;
+  for (int t = 0; t < nt; ++t) { dt += dtok[t]; dp += dpieces[t]; sm += sum[t]; ne += empty[t]; }
+  return py::make_tuple(dl, sl, rd, rs, rlen, dt, dp, sm, ne);
 }

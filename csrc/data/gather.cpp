@@ -34,15 +34,20 @@ void gather_impl(const uint64_t* doc_addr, const uint64_t* mask_addr, const int6
     int64_t* dl = labels + o;
     int64_t* dp = pos + o;
     bool bad = false;
-    for (int64_t t = 0; t < n; ++t) {
+    // One pass writes all three streams (labels read the next source token, not ids back).
+    for (int64_t t = 0; t + 1 < n; ++t) {
       const int64_t v = static_cast<int64_t>(src[t]);
       bad |= (v < 0) | (v >= hi_ok);
       di[t] = v;
+      dl[t] = static_cast<int64_t>(src[t + 1]);
       dp[t] = t;
     }
     if (n > 0) {
-      std::memcpy(dl, di + 1, sizeof(int64_t) * (n - 1));
+      const int64_t v = static_cast<int64_t>(src[n - 1]);
+      bad |= (v < 0) | (v >= hi_ok);
+      di[n - 1] = v;
       dl[n - 1] = ignore_index;
+      dp[n - 1] = n - 1;
     }
     if (mask_addr) {
       const uint8_t* m = reinterpret_cast<const uint8_t*>(mask_addr[pdoc[p]]) + pstart[p];

@@ -106,16 +106,18 @@ class Decomposition:
                 "pieces_dropped": self.pieces_dropped, "empty_docs": self.num_empty}
 
 
-def _finish(lengths, min_len, max_len, docs, starts, rem, dropped_tokens, dropped_pieces) -> Decomposition:
+def _finish(lengths, min_len, max_len, docs, starts, rem, dropped_tokens, dropped_pieces,
+            total=None, empty=None) -> Decomposition:
+    total = int(lengths.sum()) if total is None else int(total)
+    empty = int((lengths == 0).sum()) if empty is None else int(empty)
     return Decomposition(min_len, max_len, list(docs), list(starts), rem[0], rem[1], rem[2],
-                         int(lengths.shape[0]), int(lengths.sum()), int(dropped_tokens), int(dropped_pieces),
-                         int((lengths == 0).sum()))
+                         int(lengths.shape[0]), total, int(dropped_tokens), int(dropped_pieces), empty)
 
 
 def _decompose_cpu(lengths, min_len, max_len, remainder):
-    d, s, rd, rs, rl, dt, dp = backends.cpu_ext().data_decompose(lengths, min_len, max_len, remainder)
+    d, s, rd, rs, rl, dt, dp, total, empty = backends.cpu_ext().data_decompose(lengths, min_len, max_len, remainder)
     rem = (rd, rs, rl) if remainder else (None, None, None)
-    return _finish(lengths, min_len, max_len, d, s, rem, dt, dp)
+    return _finish(lengths, min_len, max_len, d, s, rem, dt, dp, total, empty)
 
 
 def decompose_numpy(lengths, min_len=256, max_len=8192, *, remainder=False) -> Decomposition:
