@@ -5,9 +5,8 @@ Tolerance (flash-attn's rule), truth = the reference computed in fp64:
 where eager_same_dtype is the reference run in the inputs' dtype (upcast=False). Checked for out, lse, dq, dk, dv.
 atol = ATOL[dtype] + 2 fp32 ulps of max|truth|: every backend accumulates in fp32, and the flash backward recomputes
 P = exp(s - lse) from the fp32 lse (|lse| ~ 5 carries ~0.5 ulp of relative error into every P of its row) and
-forms dS from delta = rowsum(dO * O) rather than eager's sum(P * dP). In fp32 that puts the C++ kernels up to
-~0.3 ulps of max|truth| above 2 * eager + 1e-6 (measured over fuzzed layouts; before delta was summed in double,
-up to 8 ulps).
+forms dS from the output O rather than eager's sum(P * dP). The C++ backward forms dP - delta as sum_d dO (V - O)
+(exact 0 where a row sees one key) and runs 16-bit inputs in fp32 on an fp32 recompute of O.
 """
 from dataclasses import dataclass, replace
 from typing import Optional

@@ -466,7 +466,7 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
   zero_rows(dk, p.dtype, p.B > 0 ? p.cu_k[p.B] : 0, p.Tk, Hkv * D);
   zero_rows(dv, p.dtype, p.B > 0 ? p.cu_k[p.B] : 0, p.Tk, Hkv * D);
 
-  // ---- pass 1: delta and dq
+  // ---- pass 1: dq
   const std::vector<Unit> qu = q_units(docs, H);
 #pragma omp parallel
   {
