@@ -37,7 +37,11 @@ step build "${STEP_TIMEOUT_BUILD:-240}" env LENGEN_CUDA=AUTO bash scripts/dev_bu
   || step build_without_cuda_ext 600 env LENGEN_CUDA=OFF bash scripts/dev_build.sh \
   || step build_pip 900 python -m pip install --no-build-isolation --no-deps -e .
 step describe 120 python -c "import json, lengen_fast; print(json.dumps(lengen_fast.backends.describe()))"
-want tests && step pytest_gpu "${STEP_TIMEOUT_TESTS:-200}" python -m pytest -m gpu python_tests -q -p no:cacheprovider
+# pytest-xdist (when installed) runs the tests in parallel processes: Triton compiles dominate their time
+par=(); python -c "import xdist" 2>/dev/null && par=(-n "${PYTEST_WORKERS:-8}")
+tmo=(); python -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${PYTEST_TIMEOUT:-240}")
+want tests && step pytest_gpu "${STEP_TIMEOUT_TESTS:-200}" python -m pytest -m gpu python_tests -q -rfEx \
+  -p no:cacheprovider "${par[@]}" "${tmo[@]}"
 want attn && step bench_attention "${STEP_TIMEOUT_ATTN:-120}" python bench/bench_attention.py --gpu-only
 want rope && step bench_rope "${STEP_TIMEOUT_ROPE:-90}" python bench/bench_rope.py
 
