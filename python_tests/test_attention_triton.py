@@ -38,6 +38,7 @@ class Case:
     scale: float | None = None
     tail: int = 0                            # tokens after cu_seqlens[-1] (q and k)
     strided: bool = False                    # q/k/v views of a packed qkv tensor, strided dout
+    max_seqlen: tuple[int, int] | None = None  # (q, k) hints passed to the kernels (they pick tile shapes)
 
 
 def _cu(lens):
@@ -65,7 +66,7 @@ def _inputs(c: Case, seed: int = 0):
 
 
 def _kernels(c: Case, q, k, v, dout, cu_q, cu_k, deterministic=True):
-    args = (cu_q, cu_k, None, None, c.causal, c.scale, c.window[0], c.window[1], c.softcap)
+    args = (cu_q, cu_k, *(c.max_seqlen or (None, None)), c.causal, c.scale, c.window[0], c.window[1], c.softcap)
     out, lse = attention_fwd_triton(q, k, v, *args)
     dq, dk, dv = attention_bwd_triton(dout, q, k, v, out, lse, *args, deterministic)
     return out, lse, dq, dk, dv
@@ -245,6 +246,41 @@ def test_gpu_autotuned_configs(first_config, monkeypatch, D):
             with monkeypatch.context() as m:
                 m.setitem(by_d, D, [cfg])
                 _check(c)
+
+
+def test_short_hint_picks_small_tiles(monkeypatch):
+    """max_seqlen hints <= SHORT_MAX switch 16-bit inputs to the small-tile candidates (GPU configs)."""
+    monkeypatch.setattr(attention_sched, "triton_interpret", lambda: False)
+    assert attention_sched.is_short(16, 64) and not attention_sched.is_short(16, 65)
+    assert not attention_sched.is_short(None, 16) and not attention_sched.is_short(16, None)
+    for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+        short = attention_sched.candidate_configs(kernel, 128, torch.bfloat16, short=True)
+        assert short == attention_sched._SHORT_CONFIGS[kernel]
+        assert attention_sched.candidate_configs(kernel, 128, torch.bfloat16) != short
+        assert attention_sched.candidate_configs(kernel, 64, torch.float32, short=True) == \
+            attention_sched._FP32_CONFIGS[kernel]
+
+
+def test_wrong_short_hint_still_correct():
+    """A hint smaller than the real lengths costs speed, never correctness."""
+    _check(Case((3, 40, 0, 17), H=2, H_kv=1, D=32, dtype=torch.float16, tail=3, max_seqlen=(4, 4)))
+
+
+SHORT_LENS = (16,) * 40 + (1, 5, 64, 0, 33)
+
+
+@pytest.mark.gpu
+def test_gpu_short_configs(first_config, monkeypatch):
+    """Every small-tile candidate (picked by max_seqlen hints <= SHORT_MAX) is correct, with a right
+    hint on short documents and with a wrong one on a long document."""
+    n = len(attention_sched._SHORT_CONFIGS["fwd"])
+    for i in range(n):
+        with monkeypatch.context() as m:
+            for kernel, cfgs in attention_sched._SHORT_CONFIGS.items():
+                m.setitem(attention_sched._SHORT_CONFIGS, kernel, [cfgs[i]])
+            for dtype in (torch.bfloat16, torch.float16):
+                _check(Case(SHORT_LENS, H=4, H_kv=2, D=128, dtype=dtype, tail=5, max_seqlen=(64, 64)))
+            _check(Case(SHORT_LENS + (700,), H=4, H_kv=2, D=64, dtype=torch.bfloat16, max_seqlen=(16, 16)))
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .attention_fwd import mask_flags, score_params, scores, visible
 from .attention_sched import (
-    block_d, candidate_configs, dot_precision, pick_config, tanh_f32, tile_lookup, tile_schedule,
+    acc_dot, block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -74,12 +74,12 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, ste
             vis = visible(rows[None, :], cols[:, None], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
                 & (rows < sq)[None, :]
             pT = tl.where(vis, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dv = acc_dot(pT.to(do.dtype), do, dv, DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                    # (BN, BM)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dk = acc_dot(dsT.to(q.dtype), q, dk, DOT_PREC)
         q_ptrs += step_q
         do_ptrs += step_do
         lse_ptrs += step_l
@@ -218,7 +218,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, hi, ro
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        dq = acc_dot(ds.to(k.dtype), k, dq, DOT_PREC)
         k_ptrs += step_k
         v_ptrs += step_v
     return dq
@@ -305,7 +305,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
 def attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, softmax_scale, window_left, window_right, softcap, deterministic):
     """Returns (dq, dk, dv) shaped and typed like (q, k, v). Always deterministic (no atomics);
-    max_seqlen_q/k are not needed and may be None."""
+    max_seqlen_q/k may be None: they only pick tile shapes (attention_sched.is_short)."""
     Tq, H, D = q.shape
     Tk, H_kv, _ = k.shape
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
@@ -342,9 +342,10 @@ def attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
             *common, *dq.stride(), B, H, group, Tq, scale, qk_scale2, cap2, *tail,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags)
 
-    key = (BD, has_left, has_right, softcap > 0, q.dtype, q.device)
+    short = is_short(max_seqlen_q, max_seqlen_k)
+    key = (BD, has_left, has_right, softcap > 0, short, q.dtype, q.device)
     if Tk > 0 and H_kv > 0:
-        launch_dkdv(pick_config(("bwd_dkdv",) + key, candidate_configs("bwd_dkdv", BD, q.dtype), launch_dkdv))
+        launch_dkdv(pick_config(("bwd_dkdv",) + key, candidate_configs("bwd_dkdv", BD, q.dtype, short), launch_dkdv))
     if Tq > 0 and H > 0:
-        launch_dq(pick_config(("bwd_dq",) + key, candidate_configs("bwd_dq", BD, q.dtype), launch_dq))
+        launch_dq(pick_config(("bwd_dq",) + key, candidate_configs("bwd_dq", BD, q.dtype, short), launch_dq))
     return dq, dk, dv

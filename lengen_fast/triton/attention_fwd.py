@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .attention_sched import (
-    block_d, candidate_configs, dot_precision, pick_config, tanh_f32, tile_lookup, tile_schedule,
+    block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
 )
 
 LOG2E = 1.4426950408889634
@@ -207,7 +207,7 @@ def mask_flags(causal: bool, window_left: int, window_right: int) -> tuple[int, 
 
 def attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                          softmax_scale, window_left, window_right, softcap):
-    """max_seqlen_q/k are not needed (the grid comes from shapes) and may be None."""
+    """max_seqlen_q/k may be None (the grid comes from shapes); they only pick tile shapes (is_short)."""
     Tq, H, D = q.shape
     Tk, H_kv, _ = k.shape
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
@@ -231,6 +231,7 @@ def attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     if Tq > 0 and H > 0:
-        key = ("fwd", BD, has_left, has_right, softcap > 0, q.dtype, q.device)
-        launch(pick_config(key, candidate_configs("fwd", BD, q.dtype), launch))
+        short = is_short(max_seqlen_q, max_seqlen_k)
+        key = ("fwd", BD, has_left, has_right, softcap > 0, short, q.dtype, q.device)
+        launch(pick_config(key, candidate_configs("fwd", BD, q.dtype, short), launch))
     return out, lse

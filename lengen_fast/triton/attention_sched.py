@@ -144,6 +144,14 @@ _GPU_CONFIGS: dict[str, dict[int, list[KernelConfig]]] = {
         256: [K(128, 32, 8, 2), K(64, 32, 8, 2), K(64, 32, 4, 2)],
     },
 }
+# Short documents (both max_seqlen hints <= SHORT_MAX): small tiles, so a 16-token document is not padded
+# to a mostly masked 64-128 row tile (layout (b) of the benchmark, 512+ documents of 16 tokens).
+SHORT_MAX = 64
+_SHORT_CONFIGS: dict[str, list[KernelConfig]] = {
+    "fwd": [K(16, 16, 2, 1), K(16, 16, 1, 1), K(32, 32, 4, 1), K(64, 64, 4, 2)],
+    "bwd_dkdv": [K(16, 16, 2, 1), K(16, 16, 1, 1), K(32, 32, 4, 1), K(64, 64, 4, 2)],
+    "bwd_dq": [K(16, 16, 2, 1), K(16, 16, 1, 1), K(32, 32, 4, 1), K(64, 64, 4, 2)],
+}
 # fp32 inputs use IEEE FMA dots (errors like eager fp32; tf32 would be ~1e-3 off): small tiles
 _FP32_CONFIGS: dict[str, list[KernelConfig]] = {
     "fwd": [K(32, 32, 8, 2), K(16, 32, 4, 2)],
@@ -153,11 +161,19 @@ _FP32_CONFIGS: dict[str, list[KernelConfig]] = {
 del K
 
 
-def candidate_configs(kernel: str, block_d: int, dtype: torch.dtype) -> list[KernelConfig]:
+def is_short(max_seqlen_q: int | None, max_seqlen_k: int | None) -> bool:
+    """Both hints given and <= SHORT_MAX. Hints only pick tile shapes: a wrong hint costs speed, never
+    correctness (every tile still covers one document, whatever its length)."""
+    return max_seqlen_q is not None and max_seqlen_k is not None and max(max_seqlen_q, max_seqlen_k) <= SHORT_MAX
+
+
+def candidate_configs(kernel: str, block_d: int, dtype: torch.dtype, short: bool = False) -> list[KernelConfig]:
     if triton_interpret():
         return [INTERPRET_CONFIGS[kernel]]
     if dtype == torch.float32:
         return list(_FP32_CONFIGS[kernel])
+    if short and block_d <= 256:
+        return list(_SHORT_CONFIGS[kernel])
     by_d = _GPU_CONFIGS[kernel]
     return by_d[min(d for d in by_d if d >= block_d)] if block_d <= 256 else by_d[256]
 
@@ -184,6 +200,18 @@ def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[K
         best = configs[min(range(len(configs)), key=times.__getitem__)]
         _BEST[key] = best
     return best
+
+
+@triton.jit
+def acc_dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b. fp32 ("ieee", FMA chains) adds each tile's product to the running sum: blocked
+    summation, so rounding grows with tile size + tile count, not with the document length as one FMA
+    chain through acc would (dv of a 1500-token document was 2.4x eager fp32's error on an H100).
+    16-bit inputs accumulate in fp32 inside the MMA."""
+    if DOT_PREC == "ieee":
+        return acc + tl.dot(a, b, input_precision=DOT_PREC)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 def block_d(head_dim: int) -> int:
