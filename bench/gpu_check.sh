@@ -8,7 +8,7 @@
 # Each step has its own time limit (seconds; env STEP_TIMEOUT_BUILD / _TESTS / _ATTN / _ROPE) so a hang cannot eat the
 # rest; the defaults fit one 10-minute call of a lent GPU machine. ONLY=tests,attn,rope picks steps (build always runs),
 # e.g. ONLY=tests bash bench/gpu_check.sh, then ONLY=attn,rope bash bench/gpu_check.sh in a second call.
-# PYTEST_ARGS (e.g. '-k short') and BENCH_ATTN_ARGS (e.g. '--gpu-runs 128:b') narrow a re-check.
+# PYTEST_K (a -k expression, e.g. "short or variants") and BENCH_ATTN_ARGS (e.g. '--gpu-runs 128:b') narrow a re-check.
 # Exit status: 0 when every step passed, else 1 (the logs say which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +42,7 @@ step describe 120 python -c "import json, lengen_fast; print(json.dumps(lengen_f
 par=(); python -c "import xdist" 2>/dev/null && par=(-n "${PYTEST_WORKERS:-8}")
 tmo=(); python -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${PYTEST_TIMEOUT:-240}")
 want tests && step pytest_gpu "${STEP_TIMEOUT_TESTS:-200}" python -m pytest -m gpu python_tests -q -rfEx \
-  -p no:cacheprovider "${par[@]}" "${tmo[@]}" ${PYTEST_ARGS:-}
+  -p no:cacheprovider "${par[@]}" "${tmo[@]}" ${PYTEST_K:+-k "$PYTEST_K"}
 want attn && step bench_attention "${STEP_TIMEOUT_ATTN:-120}" python bench/bench_attention.py --gpu-only ${BENCH_ATTN_ARGS:-}
 want rope && step bench_rope "${STEP_TIMEOUT_ROPE:-90}" python bench/bench_rope.py
 
