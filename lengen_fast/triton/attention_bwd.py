@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .attention_fwd import mask_flags, score_params, scores, visible
 from .attention_sched import (
-    acc_dot, block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
+    block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -74,12 +74,12 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, ste
             vis = visible(rows[None, :], cols[:, None], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
                 & (rows < sq)[None, :]
             pT = tl.where(vis, pT, 0.0)
-        dv = acc_dot(pT.to(do.dtype), do, dv, DOT_PREC)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                    # (BN, BM)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = acc_dot(dsT.to(q.dtype), q, dk, DOT_PREC)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
         q_ptrs += step_q
         do_ptrs += step_do
         lse_ptrs += step_l
@@ -218,7 +218,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, hi, ro
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = acc_dot(ds.to(k.dtype), k, dq, DOT_PREC)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
         k_ptrs += step_k
         v_ptrs += step_v
     return dq

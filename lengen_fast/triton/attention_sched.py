@@ -202,18 +202,6 @@ def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[K
     return best
 
 
-@triton.jit
-def acc_dot(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + a @ b. fp32 ("ieee", FMA chains) adds each tile's product to the running sum: blocked
-    summation, so rounding grows with tile size + tile count, not with the document length as one FMA
-    chain through acc would (dv of a 1500-token document was 2.4x eager fp32's error on an H100).
-    16-bit inputs accumulate in fp32 inside the MMA."""
-    if DOT_PREC == "ieee":
-        return acc + tl.dot(a, b, input_precision=DOT_PREC)
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
