@@ -231,6 +231,37 @@ def test_bad_backend_and_mode(call, match):
 def test_auto_backend_follows_the_device():
     assert distributed.resolve_backend("auto", cuda_available=False) == "gloo"
     assert distributed.resolve_backend("gloo", cuda_available=False) == "gloo"
+    assert distributed.resolve_device("auto", cuda_available=False) == "cpu"
+    assert distributed.resolve_device("auto", cuda_available=True) == "cuda"
+    assert distributed.resolve_device("cuda", cuda_available=True) == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="placement on a CPU-only machine")
+def test_placement_on_cpu():
+    assert distributed.placement("auto", "auto", 1) == ("", "cpu")
+    assert distributed.placement("auto", "auto", 2) == ("gloo", "cpu")
+    assert distributed.placement("gloo", "cpu", 2) == ("gloo", "cpu")
+    ctx = distributed.init_distributed("auto", "ddp", "cpu")
+    assert ctx.device == torch.device("cpu") and not ctx.enabled
+
+
+@pytest.mark.parametrize("args,match", [
+    (("auto", "tpu", 1), r"device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
+    (("auto", "tpu", 2), r"device must be one of"),
+    (("auto", "cuda", 1), "device 'cuda' is unavailable: torch.cuda.is_available"),
+    (("auto", "cuda", 2), "dist_backend 'nccl' is unavailable on this device"),
+    (("gloo", "cuda", 2), "device 'cuda' is unavailable"),
+])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="errors of a CPU-only machine")
+def test_bad_device(args, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.placement(*args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="errors of a CPU-only machine")
+def test_cli_reports_an_unavailable_device(tmp_path, capsys):
+    assert cli.main(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "device 'cuda' is unavailable" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="nccl is available with CUDA")

@@ -349,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                 for w in caught:
                     print(f"lengen-train: warning: {w.message}", file=sys.stderr)
         spawn = cfg.dist.nproc > 1 and not distributed.under_launcher()
-        ctx = None if spawn else distributed.init_distributed(cfg.dist.dist_backend, cfg.dist.parallel)
+        ctx = None if spawn else distributed.init_distributed(cfg.dist.dist_backend, cfg.dist.parallel,
+                                                                   cfg.dist.device)
     except (ValueError, TypeError) as e:
         print(f"lengen-train: error: {e}", file=sys.stderr)
         return 2

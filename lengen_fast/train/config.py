@@ -101,6 +101,7 @@ class DistConfig:
     nproc: int = 1                      # lengen-train --nproc N: spawn N local workers (loopback rendezvous)
     dist_backend: str = "auto"          # auto (nccl with CUDA, else gloo) | gloo | nccl
     parallel: str = "ddp"               # ddp | fsdp (FSDP2 fully_shard, torch >= 2.6)
+    device: str = "auto"                # auto (cuda when torch sees a GPU) | cpu | cuda
 
 
 @dataclass

@@ -97,10 +97,7 @@ def check_config(cfg, seq_lens) -> None:
         raise ValueError(f"nproc must be an int >= 1, got {dc.nproc!r}")
     world = env_world_size() if under_launcher() else dc.nproc
     check_parallel(dc.parallel, world)
-    if world > 1:
-        resolve_backend(dc.dist_backend)
-    elif dc.dist_backend not in BACKENDS:
-        raise ValueError(f"dist_backend must be one of {BACKENDS}, got {dc.dist_backend!r}")
+    placement(dc.dist_backend, dc.device, world)
     lens = set(seq_lens)
     if "vsl" in tr.strategies or (ex.extend and ex.ext_strategy == "vsl"):
         lens |= {1 << k for k in range(max(seq_lens).bit_length())}  # every vsl bucket length
@@ -117,6 +114,39 @@ def env_world_size() -> int:
 
 def under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str, cuda_available: bool | None = None) -> str:
+    """"auto" -> cuda when torch sees a GPU, else cpu; a clear error when ``name`` cannot run here."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "auto":
+        return "cuda" if cuda else "cpu"
+    if name == "cuda" and not cuda:
+        raise ValueError("device 'cuda' is unavailable: torch.cuda.is_available() is False; use --device cpu")
+    return name
+
+
+def placement(backend: str, device: str, world: int) -> tuple[str, str]:
+    """(process-group backend or "" for one process, device) for a run of ``world`` processes.
+    One process: ``device`` alone counts. Several: nccl on cuda, gloo on cpu; device "auto" follows the
+    backend, and "cuda" makes backend "auto" pick nccl."""
+    if world <= 1:
+        if backend not in BACKENDS:
+            raise ValueError(f"dist_backend must be one of {BACKENDS}, got {backend!r}")
+        return "", resolve_device(device)
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    name = resolve_backend("nccl" if device == "cuda" and backend == "auto" else backend)
+    dev = ("cuda" if name == "nccl" else "cpu") if device == "auto" else resolve_device(device)
+    if (dev == "cuda") != (name == "nccl"):
+        raise ValueError(f"device {dev!r} and dist_backend {name!r} do not match: multi-process runs use "
+                         "nccl on cuda and gloo on cpu")
+    return name, dev
 
 
 @dataclass
@@ -339,31 +369,36 @@ def context() -> DistContext:
     return _CTX
 
 
-def init_distributed(backend: str = "auto", parallel: str = "ddp") -> DistContext:
+def init_distributed(backend: str = "auto", parallel: str = "ddp", device: str = "auto") -> DistContext:
     """Join the process group that torchrun (or ``--nproc``) describes in the environment.
 
-    Outside of a launcher this returns a world-size-1 context and creates no process group.
+    Outside of a launcher this returns a world-size-1 context on ``device`` (auto | cpu | cuda) and
+    creates no process group. Under a launcher nccl puts rank r on cuda:LOCAL_RANK and gloo on the CPU;
+    device "auto" follows the backend, "cuda" makes backend "auto" pick nccl.
     """
     global _CTX
     world = env_world_size()
     check_parallel(parallel, world)
+    if world > 1:
+        missing = [k for k in TORCHRUN_ENV if k not in os.environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world} is set but {missing} are not: launch with torchrun or --nproc")
+    name, dev = placement(backend, device, world)
     if world <= 1:
-        _CTX = DistContext(parallel=parallel)
+        _CTX = DistContext(parallel=parallel, device=torch.device(dev, 0) if dev == "cuda" else torch.device("cpu"))
+        if dev == "cuda":
+            torch.cuda.set_device(_CTX.device)
         return _CTX
-    missing = [k for k in TORCHRUN_ENV if k not in os.environ]
-    if missing:
-        raise ValueError(f"WORLD_SIZE={world} is set but {missing} are not: launch with torchrun or --nproc")
-    name = resolve_backend(backend)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    device = torch.device("cpu")
+    device_ = torch.device("cpu")
     if name == "nccl":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        device_ = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device_)
     if not dist.is_initialized():
         dist.init_process_group(name, rank=rank, world_size=world,
-                                **({"device_id": device} if name == "nccl" else {}))
-    _CTX = DistContext(rank, world, local_rank, local_world, name, parallel, device)
+                                **({"device_id": device_} if name == "nccl" else {}))
+    _CTX = DistContext(rank, world, local_rank, local_world, name, parallel, device_)
     return _CTX
 
 
