@@ -76,6 +76,30 @@ def test_batches_layout(src, strategy):
     assert b.epoch == 0 and b.step == len(loader) - 1
 
 
+def test_vsl_remainder_keeps_every_token(src):
+    """remainder=True: pieces shorter than min_len are BFD-packed into min_len rows instead of dropped."""
+    drop = PackedLoader(src, cfg(min_len=64))
+    keep = PackedLoader(src, cfg(min_len=64, remainder=True))
+    d = keep.decomposition
+    assert drop.decomposition.tokens_dropped > 0 and d.tokens_dropped == 0
+    rows = lambda ld: sum(b.num_rows for b in ld._static_buckets)                       # noqa: E731
+    tokens = lambda ld: sum(int(b.packing.length.sum()) if b.packing is not None       # noqa: E731
+                            else b.num_rows * b.seq_len for b in ld._static_buckets)
+    assert tokens(drop) == d.tokens_total - drop.decomposition.tokens_dropped
+    assert tokens(keep) == d.tokens_total                                             # every token has a row
+    b0 = keep._static_buckets[0].packing
+    assert rows(keep) > rows(drop) and int(b0.bin_fill.max()) <= 64
+    # the remainder rows hold exactly the decomposition's remainder pieces
+    n0 = drop._static_buckets[0].num_rows
+    got = sorted(zip(b0.doc[n0:].tolist(), b0.start[n0:].tolist(), b0.length[n0:].tolist()))
+    assert got == sorted(zip(d.rem_doc.tolist(), d.rem_start.tolist(), d.rem_len.tolist()))
+    seen_multi = False
+    for b in keep:
+        _check_batch(b, src, keep.config)
+        seen_multi |= b.seq_len == 64 and b.cu_seqlens.numel() > b.row_cu_seqlens.numel()
+    assert seen_multi                                              # some min_len rows hold several pieces
+
+
 def test_vsl_batches_hold_decomposition_pieces_in_order(src_nomask):
     c = cfg(curriculum="natural", num_cycles=1, tokens_per_batch=2048, max_len=512, min_len=16)
     loader = PackedLoader(src_nomask, c)
@@ -165,10 +189,11 @@ def _pieces_seen(loader):
     return per_step
 
 
-@pytest.mark.parametrize("strategy", ["vsl", "pack", "concat_chunk"])
+@pytest.mark.parametrize("strategy", ["vsl", "vsl_remainder", "pack", "concat_chunk"])
 def test_rank_consistency(src, strategy):
     for ws in (1, 2, 4):
-        c = cfg(strategy=strategy, tokens_per_batch=8192, world_size=ws)
+        c = cfg(strategy=strategy.removesuffix("_remainder"), tokens_per_batch=8192, world_size=ws,
+                remainder=strategy == "vsl_remainder")
         ranks = [_pieces_seen(PackedLoader(src, dataclasses.replace(c, rank=r))) for r in range(ws)]
         steps = len(ranks[0])
         assert all(len(r) == steps for r in ranks)
@@ -201,6 +226,8 @@ LOADER_BAD = [
     (dict(curriculum="grow"), ValueError, "curriculum must be one of"),
     (dict(num_cycles=0), ValueError, "num_cycles must be >= 1"),
     (dict(tokens_per_batch=4096.0), TypeError, "tokens_per_batch must be an int"),
+    (dict(remainder=1), TypeError, "remainder must be a bool, got int"),
+    (dict(strategy="pack", remainder=True), ValueError, "remainder=True applies to strategy 'vsl' only"),
     (dict(tokens_per_batch=1 << 24, max_len=1 << 20), ValueError, "cannot fill a single batch"),
 ]
 

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     for s, c, t in zip(d.bucket_lens, d.counts, d.tokens_per_bucket):
         print(f"{s:>8,} {c:>9,} {t:>12,} {100 * t / max(d.tokens_kept, 1):>6.1f}%")
     print(f"dropped: {d.tokens_dropped:,} tokens in {d.pieces_dropped:,} pieces shorter than {args.min_len} "
-          f"({100 * d.tokens_dropped / max(d.tokens_total, 1):.2f}% of tokens); {d.num_empty} empty files")
+          f"({100 * d.tokens_dropped / max(d.tokens_total, 1):.2f}% of tokens); {d.num_empty} empty files; "
+          "LoaderConfig(remainder=True) packs them into min_len rows instead")
 
     _section(f"packing into {args.context_len:,}-token rows")
     bfd = pack_bfd(src, args.context_len)

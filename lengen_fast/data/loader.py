@@ -23,7 +23,7 @@ import torch
 
 from .curriculum import CURRICULA, bucket_schedule, check_curriculum
 from .decompose import check_bucket_range, decompose
-from .pack import concat_chunk, pack_bfd
+from .pack import Packing, concat_chunk, pack_bfd
 from .source import TokenSource, open_tokens
 
 STRATEGIES = ("vsl", "pack", "concat_chunk")
@@ -36,7 +36,8 @@ class LoaderConfig:
     strategy: str = "vsl"            # "vsl" | "pack" | "concat_chunk"
     tokens_per_batch: int = 65536    # global tokens per step (all ranks); each rank gets // world_size
     max_len: int = 8192              # longest bucket (vsl) or row length (pack, concat_chunk)
-    min_len: int = 256               # shortest bucket (vsl); shorter remainders are dropped
+    min_len: int = 256               # shortest bucket (vsl); shorter remainders are dropped (and counted) ...
+    remainder: bool = False          # ... unless True: then they are BFD-packed into min_len rows of that bucket
     curriculum: str = "natural"      # vsl: natural | grow_p2 | grow_linear | uniform | shrink
     num_cycles: int = 1
     seed: int = 0
@@ -90,6 +91,11 @@ def validate_config(c: LoaderConfig) -> None:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {c.strategy!r}")
     for name in ("tokens_per_batch", "max_len", "min_len", "num_cycles", "seed", "world_size", "rank", "prefetch"):
         _check_int(name, getattr(c, name), 0 if name in ("seed", "rank", "prefetch") else 1)
+    if not isinstance(c.remainder, bool):
+        raise TypeError(f"remainder must be a bool, got {type(c.remainder).__name__}")
+    if c.remainder and c.strategy != "vsl":
+        raise ValueError(f"remainder=True applies to strategy 'vsl' only (got strategy {c.strategy!r}, which "
+                         "drops no tokens)")
     if c.strategy == "vsl":
         check_bucket_range(c.min_len, c.max_len)
         check_curriculum(c.curriculum, c.num_cycles)
@@ -147,6 +153,22 @@ class _BufferPool:
         return a
 
 
+def _remainder_bucket(b: _Bucket, d) -> _Bucket:
+    """The min_len bucket with the remainder pieces (< min_len) added as BFD bins of min_len tokens:
+    rows [0, num_rows) keep one full piece each, the bins follow (several pieces per row, masked apart)."""
+    p = pack_bfd(d.rem_len, b.seq_len)                        # pieces < capacity: never split
+    n = b.num_rows
+    rem_doc, rem_start = d.rem_doc.astype(np.int64), d.rem_start.astype(np.int64)
+    packing = Packing(
+        bin=np.concatenate([np.arange(n, dtype=np.int64), n + p.bin]),
+        doc=np.concatenate([b.doc.astype(np.int64), rem_doc[p.doc]]),
+        start=np.concatenate([b.start.astype(np.int64), rem_start[p.doc] + p.start]),
+        length=np.concatenate([np.full(n, b.seq_len, dtype=np.int64), p.length]),
+        num_bins=n + p.num_bins, capacity=b.seq_len,
+        tokens_total=n * b.seq_len + p.tokens_total, tokens_truncated=0)
+    return _Bucket(b.seq_len, b.rows_per_batch, packing.num_bins, packing=packing, offs=packing.bin_offsets)
+
+
 class PackedLoader:
     """Iterable of :class:`Batch` (see module doc). ``len()`` is the steps per epoch.
 
@@ -164,11 +186,12 @@ class PackedLoader:
         self._static_buckets: list[_Bucket] | None = None
         c = config
         if c.strategy == "vsl":
-            self.decomposition = decompose(self.source.lengths, c.min_len, c.max_len)
+            self.decomposition = d = decompose(self.source.lengths, c.min_len, c.max_len, remainder=c.remainder)
             self._static_buckets = [
-                _Bucket(int(s), c.tokens_per_batch // int(s), int(self.decomposition.counts[i]),
-                        doc=self.decomposition.docs[i], start=self.decomposition.starts[i])
-                for i, s in enumerate(self.decomposition.bucket_lens)]
+                _Bucket(int(s), c.tokens_per_batch // int(s), int(d.counts[i]), doc=d.docs[i], start=d.starts[i])
+                for i, s in enumerate(d.bucket_lens)]
+            if c.remainder and d.rem_len.shape[0]:
+                self._static_buckets[0] = _remainder_bucket(self._static_buckets[0], d)
         elif c.strategy == "pack":
             p = pack_bfd(self.source.lengths, c.max_len)
             self.packing = p

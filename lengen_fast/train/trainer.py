@@ -32,10 +32,12 @@ def make_loader(table, strategy: str, cfg: RunConfig, seed: int, max_len: int):
 
     tr = cfg.train
     source = open_tokens(table, column="input_ids", loss_mask_column="loss_mask")
-    # vsl buckets are powers of two from the shortest document's (floor) up, so nothing is dropped
-    min_len = 1 << (int(source.lengths.min()).bit_length() - 1) if strategy == "vsl" else 1
+    # vsl buckets are powers of two from the shortest document's (floor) up; pieces below min_len (low bits of
+    # longer documents) are packed into min_len rows (remainder=True), so no token is dropped
+    vsl = strategy == "vsl"
+    min_len = 1 << (int(source.lengths.min()).bit_length() - 1) if vsl else 1
     lc = LoaderConfig(strategy=LOADER_STRATEGY[strategy], tokens_per_batch=tr.tokens_per_batch, max_len=max_len,
-                      min_len=min(min_len, max_len), curriculum=tr.curriculum if strategy == "vsl" else "natural",
+                      min_len=min(min_len, max_len), remainder=vsl, curriculum=tr.curriculum if vsl else "natural",
                       num_cycles=tr.num_cycles, seed=seed, infinite=True, prefetch=0,
                       rank=distributed.context().rank, world_size=distributed.context().world_size)
     return PackedLoader(source, lc)
