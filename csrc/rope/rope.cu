@@ -16,6 +16,7 @@
 
 #include "common/checks.h"
 #include "rope/rope_math.h"
+#include "rope/rope_strides.h"
 
 namespace lf {
 namespace {
@@ -33,17 +34,13 @@ struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Pack {
   T v[N];
 };
 
-struct Tensor4 {
-  int64_t b, s, h, d;
-};
-
 struct Params {
   const void* q;
   const void* k;
   void* qo;
   void* ko;
   int64_t B, S, Hq, Hk, D, half;
-  Tensor4 qs, qos, ks, kos;
+  Strides4 qs, qos, ks, kos;
   const float* inv_freq;
   int pos_mode;
   const int32_t* pos;
@@ -167,7 +164,7 @@ __global__ void rope_kernel(const Params p) {
   }
 }
 
-bool aligned(const void* ptr, const Tensor4& st, int64_t elems, int64_t elem_size) {
+bool aligned(const void* ptr, const Strides4& st, int64_t elems, int64_t elem_size) {
   return st.d == 1 && st.b % elems == 0 && st.s % elems == 0 && st.h % elems == 0 &&
          reinterpret_cast<uintptr_t>(ptr) % (elems * elem_size) == 0;
 }
@@ -197,11 +194,6 @@ template <typename T>
 void launch(const Params& p, bool interleaved, cudaStream_t stream) {
   if (interleaved) launch_typed<T, true>(p, stream);
   else launch_typed<T, false>(p, stream);
-}
-
-Tensor4 strides4(const std::vector<int64_t>& v, const char* name) {
-  LF_CHECK(v.size() == 4, "rope: " << name << " strides must have 4 entries (B, S, H, D), got " << v.size());
-  return {v[0], v[1], v[2], v[3]};
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include "common/checks.h"
 #include "common/half.h"
 #include "rope/rope_math.h"
+#include "rope/rope_strides.h"
 
 namespace lf {
 namespace {
@@ -33,10 +34,6 @@ struct BF16 {
   using T = uint16_t;
   static inline float ld(T v) { return bf16_to_f32(v); }
   static inline T st(float v) { return f32_to_bf16(v); }
-};
-
-struct Strides4 {
-  int64_t b, s, h, d;
 };
 
 struct Args {
@@ -130,11 +127,6 @@ void dispatch_layout(const Args& a) {
   } else {
     if (unit) run<Ty, false, true>(a); else run<Ty, false, false>(a);
   }
-}
-
-Strides4 strides4(const std::vector<int64_t>& v, const char* name) {
-  LF_CHECK(v.size() == 4, "rope: " << name << " strides must have 4 entries (B, S, H, D), got " << v.size());
-  return {v[0], v[1], v[2], v[3]};
 }
 
 }  // namespace
