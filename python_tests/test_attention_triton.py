@@ -287,3 +287,47 @@ def test_gpu_deterministic_bitwise():
         again = _kernels(c, q, k, v, dout, cu_q, cu_k)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+COMPILE_FOR_SM90 = r"""
+import inspect, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lengen_fast.triton.attention_fwd import _attn_fwd
+from lengen_fast.triton.attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+from lengen_fast.triton.attention_sched import _GPU_CONFIGS, _SHORT_CONFIGS
+F32 = {"qk_scale2", "cap2", "scale"}
+I32_PTR = {"CU_Q", "CU_K", "PREFIX", "ORDER"}
+F32_PTR = {"LSE", "DELTA"}
+BF16_PTR = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+for kern, name in ((_attn_fwd, "fwd"), (_attn_bwd_dkdv, "bwd_dkdv"), (_attn_bwd_dq, "bwd_dq")):
+    params = list(inspect.signature(kern.fn).parameters)
+    for cfg in (_GPU_CONFIGS[name][128][0], _SHORT_CONFIGS[name][0]):
+        const = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_LEFT=False,
+                     HAS_RIGHT=True, SOFTCAP=False, EVEN_D=True, DOT_PREC="tf32")
+        if "UNROLL" in params:
+            const["UNROLL"] = 4
+        sig = {p: "constexpr" if p in const else "*i32" if p in I32_PTR else "*fp32" if p in F32_PTR
+               else "*bf16" if p in BF16_PTR else "fp32" if p in F32 else "i32" for p in params}
+        src = ASTSource(fn=kern, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 128),
+                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        assert "mma" in k.asm["ptx"], (name, cfg)                  # tensor-core dots, not FMA loops
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter does not lower the kernels: compile fwd, dk/dv and dq for an H100 (no GPU needed) in bf16,
+    hdim 128, causal, with the first long and the first short config, and check they use tensor-core dots."""
+    import os
+    import subprocess
+    import sys
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in getattr(triton.backends, "backends", {}):
+        pytest.skip("triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -17,6 +17,7 @@ import triton.language as tl
 from .attention_fwd import mask_flags, score_params, scores, visible
 from .attention_sched import (
     block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
+    visible_range,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -158,20 +159,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
         k = tl.load(K + k_off * skt + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, mask=kmask, other=0.0)
         v = tl.load(V + k_off * svt + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd, mask=kmask, other=0.0)
 
-        # query rows that see some key of the tile: [lo, hi); that see all of them: [full_lo, full_hi)
-        lo = sq * 0
-        hi = sq
-        full_lo = lo
-        full_hi = (sq // BLOCK_M) * BLOCK_M
-        if HAS_RIGHT:   # j <= i + diff + right  <=>  i >= j - diff - right
-            lo = tl.minimum(tl.maximum(n_lo - diff - win_right, 0), sq)
-            full_lo = tl.cdiv(tl.maximum(n_hi - diff - win_right, 0), BLOCK_M) * BLOCK_M
-        if HAS_LEFT:    # j >= i + diff - left  <=>  i <= j - diff + left
-            hi = tl.minimum(tl.maximum(n_hi - diff + win_left + 1, 0), sq)
-            full_hi = (tl.minimum(tl.maximum(n_lo - diff + win_left + 1, 0), sq) // BLOCK_M) * BLOCK_M
-        start = (lo // BLOCK_M) * BLOCK_M
-        full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
-        full_hi = tl.maximum(full_hi, full_lo)
+        # query tiles that see some key of the tile: [start, hi); all of them: [full_lo, full_hi).
+        # j <= i + diff + right <=> i >= j - diff - right, and j >= i + diff - left <=> i <= j - diff + left
+        start, full_lo, full_hi, hi = visible_range(n_lo, n_hi, sq, -diff, win_right, win_left, BLOCK_M,
+                                                    HAS_RIGHT, HAS_LEFT)
 
         q_off = offs_m[:, None] * sqt + offs_d[None, :] * sqd
         do_off = offs_m[:, None] * sdt + offs_d[None, :] * sdd
@@ -264,19 +255,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
         lse2 = tl.load(LSE + h * slh + (r64 + offs_m) * slt, mask=row_ok, other=float("inf")) * LOG2E
         delta = tl.load(DELTA + h * sxh + r64 + offs_m, mask=row_ok, other=0.0)
 
-        lo = sq * 0
-        hi = sk
-        full_lo = lo
-        full_hi = (sk // BLOCK_N) * BLOCK_N
-        if HAS_LEFT:
-            lo = tl.maximum(m_lo + diff - win_left, 0)
-            full_lo = tl.cdiv(tl.maximum(m_hi + diff - win_left, 0), BLOCK_N) * BLOCK_N
-        if HAS_RIGHT:
-            hi = tl.minimum(tl.maximum(m_hi + diff + win_right + 1, 0), sk)
-            full_hi = (tl.minimum(tl.maximum(m_lo + diff + win_right + 1, 0), sk) // BLOCK_N) * BLOCK_N
-        start = (lo // BLOCK_N) * BLOCK_N
-        full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
-        full_hi = tl.maximum(full_hi, full_lo)
+        start, full_lo, full_hi, hi = visible_range(m_lo, m_hi, sk, diff, win_left, win_right, BLOCK_N,
+                                                    HAS_LEFT, HAS_RIGHT)
 
         hk = h // GROUP
         k_base = K + k0.to(tl.int64) * skt + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from .attention_sched import (
     block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
+    visible_range,
 )
 
 LOG2E = 1.4426950408889634
@@ -139,20 +140,9 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
             qmask = qmask & dmask
         q = tl.load(q_ptrs, mask=qmask, other=0.0)
 
-        # keys visible to some row of the tile: [lo, hi); fully visible to every row: [full_lo, full_hi)
-        lo = sq * 0
-        hi = sk
-        full_lo = lo
-        full_hi = (sk // BLOCK_N) * BLOCK_N
-        if HAS_LEFT:
-            lo = tl.maximum(m_lo + diff - win_left, 0)
-            full_lo = tl.cdiv(tl.maximum(m_hi + diff - win_left, 0), BLOCK_N) * BLOCK_N
-        if HAS_RIGHT:
-            hi = tl.minimum(tl.maximum(m_hi + diff + win_right + 1, 0), sk)
-            full_hi = (tl.minimum(tl.maximum(m_lo + diff + win_right + 1, 0), sk) // BLOCK_N) * BLOCK_N
-        start = (lo // BLOCK_N) * BLOCK_N
-        full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
-        full_hi = tl.maximum(full_hi, full_lo)
+        # key tiles visible to some row of the tile: [start, hi); to every row: [full_lo, full_hi)
+        start, full_lo, full_hi, hi = visible_range(m_lo, m_hi, sk, diff, win_left, win_right, BLOCK_N,
+                                                    HAS_LEFT, HAS_RIGHT)
 
         k_base = K + k0.to(tl.int64) * skt + hk * skh
         v_base = V + k0.to(tl.int64) * svt + hk * svh

@@ -97,6 +97,30 @@ def tile_lookup(PREFIX, ORDER, slot, B):
 
 
 @triton.jit
+def visible_range(lo_row, hi_row, n, diff, win_left, win_right, BLOCK: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Columns in [0, n) that rows lo_row..hi_row (inclusive) see, as BLOCK-aligned loop bounds
+    (start, full_lo, full_hi, hi): tiles in [full_lo, full_hi) are visible to every row (no mask),
+    [start, full_lo) and [full_hi, hi) need the mask. Row i sees column j iff
+    i + diff - left <= j <= i + diff + right. For the transposed question (the rows that see a column
+    tile) call it with -diff and the window sides swapped."""
+    lo = lo_row * 0
+    hi = n + lo
+    full_lo = lo
+    full_hi = (n // BLOCK) * BLOCK
+    if HAS_LEFT:
+        lo = tl.minimum(tl.maximum(lo_row + diff - win_left, 0), n)
+        full_lo = tl.cdiv(tl.maximum(hi_row + diff - win_left, 0), BLOCK) * BLOCK
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.maximum(hi_row + diff + win_right + 1, 0), n)
+        full_hi = (tl.minimum(tl.maximum(lo_row + diff + win_right + 1, 0), n) // BLOCK) * BLOCK
+    start = (lo // BLOCK) * BLOCK
+    full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
+    full_hi = tl.maximum(full_hi, full_lo)
+    return start, full_lo, full_hi, hi
+
+
+@triton.jit
 def tanh_f32(x):
     # exp-based so that it runs in the interpreter as on GPU; saturates to +-1 without NaN
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
