@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .attention_fwd import mask_flags, score_params, scores, visible
 from .attention_sched import (
-    block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
+    block_d, candidate_configs, dot_acc, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
     visible_range,
 )
 
@@ -54,7 +54,7 @@ def _load_rows(ptrs, rows, n, dmask, MASK: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, step_do, step_l, step_x,
+def _dkdv_inner(dk, dv, cdk, cdv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, step_do, step_l, step_x,
                 lo, hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2, offs_m, dmask,
                 BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -75,21 +75,21 @@ def _dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, ste
             vis = visible(rows[None, :], cols[:, None], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
                 & (rows < sq)[None, :]
             pT = tl.where(vis, pT, 0.0)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dv, cdv = dot_acc(pT.to(do.dtype), do, dv, cdv, DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                    # (BN, BM)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        dk, cdk = dot_acc(dsT.to(q.dtype), q, dk, cdk, DOT_PREC)
         q_ptrs += step_q
         do_ptrs += step_do
         lse_ptrs += step_l
         delta_ptrs += step_x
-    return dk, dv
+    return dk, dv, cdk, cdv
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, h, q0, sqt, sqh, sdt, sdh, slh, slt, sxh, q_off, do_off,
+def _dkdv_head(dk, dv, cdk, cdv, k, v, Q, DO, LSE, DELTA, h, q0, sqt, sqh, sdt, sdh, slh, slt, sxh, q_off, do_off,
                start, full_lo, full_hi, hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2, offs_m, dmask,
                BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -109,11 +109,11 @@ def _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, h, q0, sqt, sqh, sdt, sdh, slh, 
             p_lo = full_hi
             p_hi = hi
         p64 = p_lo.to(tl.int64)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base + p64 * sqt, do_base + p64 * sdt, l_base + p64 * slt, x_base + p64,
-                             BLOCK_M * sqt, BLOCK_M * sdt, BLOCK_M * slt, BLOCK_M,
-                             p_lo, p_hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2,
-                             offs_m, dmask, BLOCK_M, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
-    return dk, dv
+        dk, dv, cdk, cdv = _dkdv_inner(
+            dk, dv, cdk, cdv, k, v, q_base + p64 * sqt, do_base + p64 * sdt, l_base + p64 * slt, x_base + p64,
+            BLOCK_M * sqt, BLOCK_M * sdt, BLOCK_M * slt, BLOCK_M, p_lo, p_hi, cols, sq, diff, win_left, win_right,
+            qk_scale2, cap2, offs_m, dmask, BLOCK_M, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+    return dk, dv, cdk, cdv
 
 
 @triton.jit(do_not_specialize=["B", "TOTAL_K"])
@@ -168,20 +168,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
         do_off = offs_m[:, None] * sdt + offs_d[None, :] * sdd
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        cdk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)     # Kahan compensations (fp32 inputs only)
+        cdv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         # the group's query heads in a fixed order; unrolled when small (a runtime loop around the
         # three pipelined loops costs registers and spills on sm_90), a runtime loop otherwise
         if UNROLL > 0:
             for g in tl.static_range(UNROLL):
-                dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, hk * UNROLL + g, q0, sqt, sqh, sdt, sdh, slh,
-                                    slt, sxh, q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff,
-                                    win_left, win_right, qk_scale2, cap2, offs_m, dmask, BLOCK_M,
-                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+                dk, dv, cdk, cdv = _dkdv_head(
+                    dk, dv, cdk, cdv, k, v, Q, DO, LSE, DELTA, hk * UNROLL + g, q0, sqt, sqh, sdt, sdh, slh, slt, sxh,
+                    q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff, win_left, win_right, qk_scale2,
+                    cap2, offs_m, dmask, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
         else:
             for g in range(GROUP):
-                dk, dv = _dkdv_head(dk, dv, k, v, Q, DO, LSE, DELTA, hk * GROUP + g, q0, sqt, sqh, sdt, sdh, slh,
-                                    slt, sxh, q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff,
-                                    win_left, win_right, qk_scale2, cap2, offs_m, dmask, BLOCK_M,
-                                    HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+                dk, dv, cdk, cdv = _dkdv_head(
+                    dk, dv, cdk, cdv, k, v, Q, DO, LSE, DELTA, hk * GROUP + g, q0, sqt, sqh, sdt, sdh, slh, slt, sxh,
+                    q_off, do_off, start, full_lo, full_hi, hi, cols, sq, diff, win_left, win_right, qk_scale2,
+                    cap2, offs_m, dmask, BLOCK_M, HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
         dk = dk * scale
         tl.store(DK + k_off * sdkt + hk * sdkh + offs_n[:, None] * sdkt + offs_d[None, :] * sdkd,
                  dk.to(DK.dtype.element_ty), mask=kmask)
@@ -190,7 +192,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, sk, diff,
+def _dq_inner(dq, cdq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, sk, diff,
               win_left, win_right, qk_scale2, cap2, offs_n, dmask,
               BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -209,10 +211,10 @@ def _dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, hi, ro
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        dq, cdq = dot_acc(ds.to(k.dtype), k, dq, cdq, DOT_PREC)
         k_ptrs += step_k
         v_ptrs += step_v
-    return dq
+    return dq, cdq
 
 
 @triton.jit(do_not_specialize=["B", "TOTAL_Q"])
@@ -262,6 +264,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
         k_base = K + k0.to(tl.int64) * skt + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd
         v_base = V + k0.to(tl.int64) * svt + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        cdq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)         # Kahan compensation (fp32 inputs only)
         for phase in tl.static_range(3):
             if phase == 0:
                 p_lo = start
@@ -273,7 +276,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
                 p_lo = full_hi
                 p_hi = hi
             p64 = p_lo.to(tl.int64)
-            dq = _dq_inner(dq, q, do, lse2, delta, k_base + p64 * skt, v_base + p64 * svt,
+            dq, cdq = _dq_inner(dq, cdq, q, do, lse2, delta, k_base + p64 * skt, v_base + p64 * svt,
                            BLOCK_N * skt, BLOCK_N * svt, p_lo, p_hi, rows, sk, diff, win_left, win_right,
                            qk_scale2, cap2, offs_n, dmask, BLOCK_N, phase != 1, HAS_LEFT, HAS_RIGHT,
                            SOFTCAP, EVEN_D, DOT_PREC)
