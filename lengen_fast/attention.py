@@ -276,3 +276,26 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None
                        max_seqlen_k, bool(causal), float(softmax_scale), left, 0 if causal else right,
                        float(softcap), bool(deterministic), backend)
     return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """``flash_attn.flash_attn_varlen_func`` with its exact signature and defaults (flash-attn 2.6+), so existing
+    calls (positional ones included) switch by changing the import. Runs :func:`varlen_attention`.
+
+    Returns out, or (out, softmax_lse (H, total_q) fp32, None) with return_attn_probs (flash-attn's third value is
+    a dropout mask for tests; there is no dropout here). Features this package does not implement raise
+    ValueError instead of being ignored: dropout_p > 0, alibi_slopes, block_table (paged KV cache).
+    """
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p={dropout_p!r} is not supported (attention dropout is not implemented); "
+                         "use dropout_p=0.0")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes is not supported (lengen_fast applies RoPE, not ALiBi); pass None")
+    if block_table is not None:
+        raise ValueError("block_table (paged KV cache) is not supported; pass None")
+    res = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
+                           softmax_scale=softmax_scale, window_size=tuple(window_size), softcap=softcap,
+                           return_lse=bool(return_attn_probs), deterministic=deterministic)
+    return (res[0], res[1], None) if return_attn_probs else res

@@ -8,6 +8,7 @@ P = exp(s - lse) from the fp32 lse (|lse| ~ 5 carries ~0.5 ulp of relative error
 forms dS from the output O rather than eager's sum(P * dP). The C++ backward forms dP - delta as sum_d dO (V - O)
 (exact 0 where a row sees one key) and runs 16-bit inputs in fp32 on an fp32 recompute of O.
 """
+import inspect
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -357,3 +358,40 @@ def test_cpp_checks_cu_seqlens_values():
     bad = torch.tensor([0, 6, 4, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match="non-decreasing"):
         attention.attention_fwd_cpu(q, k, v, bad, bad, None, None, True, 0.25, -1, 0, 0.0)
+
+
+# ------------------------------------------------------------------------------- flash-attn signature
+FLASH_ATTN_PARAMS = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dropout_p",
+                     "softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "deterministic",
+                     "return_attn_probs", "block_table"]
+
+
+def test_flash_attn_varlen_func_is_a_drop_in():
+    """Same parameter order and defaults as flash_attn.flash_attn_varlen_func (2.6+), positional calls included."""
+    sig = inspect.signature(lengen_fast.flash_attn_varlen_func)
+    assert list(sig.parameters) == FLASH_ATTN_PARAMS
+    assert sig.parameters["causal"].default is False and sig.parameters["dropout_p"].default == 0.0
+    g = _good()
+    q, k, v, cu = g["q"], g["k"], g["v"], g["cu_seqlens_q"]
+    want, lse = varlen_attention(q, k, v, cu, cu, 6, 6, causal=True, softmax_scale=0.3, window_size=(3, 0),
+                                 softcap=5.0, return_lse=True)
+    got = lengen_fast.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, 0.0, 0.3, True, (3, 0), 5.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    out, lse2, probs = lengen_fast.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6, causal=True, softmax_scale=0.3,
+                                                           window_size=[3, 0], softcap=5.0, return_attn_probs=True)
+    torch.testing.assert_close((out, lse2), (want, lse), rtol=0, atol=0)
+    assert probs is None
+    # flash-attn's default is non-causal
+    full = varlen_attention(q, k, v, cu, causal=False)
+    torch.testing.assert_close(lengen_fast.flash_attn_varlen_func(q, k, v, cu, cu, 6, 6), full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(dropout_p=0.1), r"dropout_p=0.1 is not supported"),
+    (dict(alibi_slopes=torch.ones(4)), "alibi_slopes is not supported"),
+    (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), r"block_table \(paged KV cache\) is not supported"),
+])
+def test_flash_attn_varlen_func_unsupported_features(kw, match):
+    g = _good()
+    with pytest.raises(ValueError, match=match):
+        lengen_fast.flash_attn_varlen_func(g["q"], g["k"], g["v"], g["cu_seqlens_q"], g["cu_seqlens_q"], 6, 6, **kw)
