@@ -163,6 +163,7 @@ def run_config(cfg: Config, device: str, providers: dict, mode: str, reps: int, 
         q, k, v, dout, cu = make_inputs(cfg, lens, device)
         if mode == "fwd":
             q, k, v = (x.detach() for x in (q, k, v))
+        t0 = time.perf_counter()
         try:
             fwd, do = make(q, k, v, dout, cu, lens)
             n, limit = (3, 5.0) if name in slow else (reps, 60.0)
@@ -170,6 +171,8 @@ def run_config(cfg: Config, device: str, providers: dict, mode: str, reps: int, 
         except Exception as e:                              # a peer that cannot run here is reported, not fatal
             print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
             continue
+        # wall time incl. compiles and autotuning: what a lent GPU's call budget has to cover
+        print(f"  {name}: {time.perf_counter() - t0:.1f} s wall", flush=True)
         tflops = flops / (t.median_ms * 1e-3) / 1e12
         rows.append(record("attention", conf, name, t, device=device, throughput=tflops, unit="TFLOP/s",
                            ratio_to_peak=None if peak is None else tflops / peak))

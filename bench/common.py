@@ -118,4 +118,4 @@ def print_table(rows: list[dict], baseline: str | None = None) -> None:
         ratio = f"{base / float(r['median_ms']):.2f}x" if base else ""
         tp = f"{r['throughput']} {r['unit']}" if r["throughput"] else ""
         print(f"{r['provider']:<34}{float(r['median_ms']):>12.3f}{float(r['p20_ms']):>10.3f}"
-              f"{float(r['p80_ms']):>10.3f}{tp:>14}  {ratio}")
+              f"{float(r['p80_ms']):>10.3f} {tp:>13}  {ratio}")
