@@ -221,6 +221,17 @@ def test_early_stopping_disabled_still_tracks_best():
     assert es.stopped_at is None and es.best_step == 0 and es.max_drop_after_best() == pytest.approx(0.8)
 
 
+def test_best_checkpoint_breaks_ood_ties_by_id_accuracy():
+    """A task learned in distribution but never beyond keeps the OOD metric at 0: the best checkpoint must be the
+    one that learned it (parity with a scratchpad reached ID 1.0 at step 400, yet was scored at step 50)."""
+    es = EarlyStopper(drop=0.05, min_best=0.05)
+    for step, ood, id_acc in ((50, 0.0, 0.05), (100, 0.0, 0.4), (150, 0.0, 1.0), (200, 0.0, 0.9)):
+        es.update(step, ood, id_acc)
+    assert es.best_step == 150 and es.stopped_at is None
+    es.update(250, 0.2, 0.5)                                  # a higher OOD metric still wins over ID accuracy
+    assert es.best_step == 250
+
+
 # ------------------------------------------------------------------------------- exact resume
 def tiny_cfg(tmp_path, **train):
     cfg = RunConfig()

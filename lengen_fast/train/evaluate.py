@@ -154,6 +154,8 @@ class EarlyStopper:
     The rule arms only once the best is at least ``min_best``, so that noise around zero
     accuracy (0.02 -> 0.0 is a 100% drop) does not stop a run that has not learned anything yet,
     and fires after ``patience`` consecutive validations below the limit (1 = the first one).
+    The best checkpoint is the highest OOD metric, ties broken by ``tiebreak`` (the ID accuracy): a task
+    learned in distribution but not beyond keeps OOD at 0, and must not be scored with an untrained model.
     """
     drop: float = 0.05
     min_best: float = 0.05
@@ -162,15 +164,16 @@ class EarlyStopper:
     below: int = 0
     best: float = -math.inf
     best_step: int = -1
+    best_tiebreak: float = -math.inf
     stopped_at: int | None = None
     reason: str = ""
     history: list = field(default_factory=list)
 
-    def update(self, step: int, value: float) -> tuple[bool, bool]:
+    def update(self, step: int, value: float, tiebreak: float = -math.inf) -> tuple[bool, bool]:
         """Record ``value`` at ``step``; return (improved, stop)."""
         self.history.append((step, value))
-        if value > self.best:
-            self.best, self.best_step, self.below = value, step, 0
+        if value > self.best or (value == self.best and tiebreak > self.best_tiebreak):
+            self.best, self.best_step, self.best_tiebreak, self.below = value, step, tiebreak, 0
             return True, False
         self.below = self.below + 1 if value < self.best * (1 - self.drop) else 0
         if self.enabled and self.best >= self.min_best and self.below >= self.patience and self.stopped_at is None:
@@ -189,7 +192,8 @@ class EarlyStopper:
         return max(0.0, (self.best - min(after)) / self.best)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("best", "best_step", "stopped_at", "reason", "history", "below")}
+        return {k: getattr(self, k) for k in ("best", "best_step", "best_tiebreak", "stopped_at", "reason", "history",
+                                              "below")}
 
     def load_state_dict(self, d: dict) -> None:
         for k, v in d.items():

@@ -166,7 +166,7 @@ class Trainer:
         res.update(step=self.step, flops=self.flops, tokens=self.tokens,
                    loss=float(np.mean(self.losses[-self.cfg.train.eval_every:])) if self.losses else math.nan)
         self.history.append(res)
-        improved, stop = self.stopper.update(self.step, res["ood_score"])
+        improved, stop = self.stopper.update(self.step, res["ood_score"], res["id"])
         if improved:
             self.save(self.run_dir / "best.pt")
         self.save(self.run_dir / "last.pt")
