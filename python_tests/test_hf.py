@@ -7,6 +7,7 @@ dtype per document, plus a small atol.
 from __future__ import annotations
 
 import copy
+import inspect
 import sys
 
 import numpy as np
@@ -206,14 +207,21 @@ SCALED = {
 }
 
 
+def rope_config(theta, scaling):
+    """v5 configs take rope_parameters; v4 configs take rope_theta and rope_scaling."""
+    if "rope_parameters" in inspect.signature(LlamaConfig).parameters:
+        return {"rope_parameters": {"rope_theta": theta, **scaling}}
+    return {"rope_theta": theta, "rope_scaling": dict(scaling)}
+
+
 @needs_hf
 @pytest.mark.parametrize("kind", sorted(SCALED))
 def test_parity_fused_rope_patch_scaled(kind):
-    """The model's own rope config (v5 rope_parameters) goes through RopeScaling.from_hf."""
+    """The model's own rope config (v5 rope_parameters, v4 rope_theta + rope_scaling) goes through RopeScaling.from_hf."""
     if not hasattr(lengen_fast.rope.RopeScaling, "from_hf"):
         pytest.skip("RopeScaling.from_hf arrives with the rope op")
     rows = rows_for(DOCS)
-    cfg = llama_config(rope_parameters={"rope_theta": 500.0, **SCALED[kind]})
+    cfg = llama_config(**rope_config(500.0, SCALED[kind]))
     ours, eager = models(cfg, "lengen_varlen", "eager")
     assert ours.model.rotary_emb.rope_type == kind
     hf.patch_rope(ours)
@@ -314,15 +322,22 @@ OPTIONS = [dict(return_flash_attn_kwargs=True), dict(), dict(return_seq_idx=True
 @needs_hf
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_collator_matches_hf(opts):
+    try:
+        theirs = DataCollatorWithFlattening(**opts)
+    except TypeError as e:  # position_ids_start arrived in transformers 5
+        pytest.skip(f"this transformers' DataCollatorWithFlattening lacks an option: {e}")
     g = np.random.default_rng(0)
-    rows = [{"input_ids": g.integers(0, 97, n).tolist()} for n in (3, 1, 7)]
-    rows[1]["input_ids"] = torch.tensor(rows[1]["input_ids"])                       # tensors and arrays too
-    rows[2]["input_ids"] = np.asarray(rows[2]["input_ids"])
+    lists = [{"input_ids": g.integers(0, 97, n).tolist()} for n in (3, 1, 7)]
+    labelled = [{"input_ids": r["input_ids"], "labels": [-100 if j < 2 else x for j, x in enumerate(r["input_ids"])]}
+                for r in lists]
     ours = hf.PackedCollator(**{"return_flash_attn_kwargs": False, **opts})
-    _equal(ours(rows), DataCollatorWithFlattening(**opts)(rows))
-    labelled = [{"input_ids": r["input_ids"],
-                 "labels": [-100 if j < 2 else int(x) for j, x in enumerate(r["input_ids"])]} for r in rows]
-    _equal(ours(labelled), DataCollatorWithFlattening(**opts)(labelled))
+    for rows in (lists, labelled):
+        mixed = copy.deepcopy(rows)                 # ours also takes tensors and arrays (HF does only since 5.x)
+        mixed[1]["input_ids"] = torch.tensor(mixed[1]["input_ids"])
+        mixed[2]["input_ids"] = np.asarray(mixed[2]["input_ids"])
+        want = theirs(rows)
+        _equal(ours(rows), want)
+        _equal(ours(mixed), want)
 
 
 @needs_hf
