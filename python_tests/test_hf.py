@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,7 +219,7 @@ def rope_config(theta, scaling):
 @needs_hf
 @pytest.mark.parametrize("kind", sorted(SCALED))
 def test_parity_fused_rope_patch_scaled(kind):
-    """The model's own rope config (v5 rope_parameters, v4 rope_theta + rope_scaling) goes through RopeScaling.from_hf."""
+    """The model's own rope config (v5 rope_parameters, v4 rope_theta + rope_scaling) goes through from_hf."""
     if not hasattr(lengen_fast.rope.RopeScaling, "from_hf"):
         pytest.skip("RopeScaling.from_hf arrives with the rope op")
     rows = rows_for(DOCS)
@@ -249,8 +251,10 @@ def test_compile_fullgraph_no_graph_break():
     hf.patch_rope(model)
     b = hf.PackedCollator()(rows_for(DOCS))
     compiled = torch.compile(model, fullgraph=True, backend="eager")
+    # a training-style forward: no KV cache (4.54/4.55's DynamicCache() constructor itself breaks the graph)
     for kw in ({k: v for k, v in b.items() if k != "labels"},
                {"input_ids": b["input_ids"], "position_ids": b["position_ids"]}):
+        kw["use_cache"] = False
         torch.testing.assert_close(compiled(**kw).logits, model(**kw).logits)
 
 
@@ -499,6 +503,27 @@ def test_register_without_transformers(monkeypatch):
         hf.register()
     with pytest.raises(ImportError, match=r"pip install lengen_fast\[hf\]"):
         hf.patch_rope(torch.nn.Linear(2, 2))
+
+
+@needs_hf
+def test_register_transformers_too_old(monkeypatch):
+    """transformers < 4.53 has no masking_utils: the error names the installed and the required versions."""
+    import transformers
+
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)
+    found = re.escape(transformers.__version__)
+    with pytest.raises(ImportError, match=rf"needs transformers>=4\.53 \(found {found}\)"):
+        hf.register()
+
+
+def test_min_transformers_matches_pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.exists():
+        pytest.skip("no pyproject.toml beside the tests (installed package)")
+    extras = tomllib.loads(path.read_text())["project"]["optional-dependencies"]
+    for extra in ("hf", "test"):
+        assert f"transformers>={hf.MIN_TRANSFORMERS}" in extras[extra], extra
 
 
 def _qkv(B=1, H=4, H_kv=2, S=6, D=8):

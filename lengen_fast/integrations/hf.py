@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 ATTN_NAME = "lengen_varlen"
+MIN_TRANSFORMERS = "4.53"  # masking_utils' AttentionMaskInterface; keep in step with pyproject's extras
 _INSTALL = "pip install lengen_fast[hf]"
 
 
@@ -40,7 +41,7 @@ def _transformers():
         from transformers.modeling_utils import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
     except ImportError as e:
-        raise ImportError(f"lengen_fast.integrations.hf needs transformers>=4.53 (found "
+        raise ImportError(f"lengen_fast.integrations.hf needs transformers>={MIN_TRANSFORMERS} (found "
                           f"{getattr(transformers, '__version__', '?')}): {_INSTALL} --upgrade") from e
     return AttentionInterface, AttentionMaskInterface, flash_attention_mask
 
