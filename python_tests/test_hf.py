@@ -177,8 +177,9 @@ def cohere_config():  # GPT-J (interleaved) rotary layout
 def phi_config():  # partial rotary (half the head), q split before apply_rotary_pos_emb
     from transformers import PhiConfig
 
+    # pad_token_id given: transformers 5.0.0's PhiConfig has no default for it
     return PhiConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     partial_rotary_factor=0.5, max_position_embeddings=128)
+                     partial_rotary_factor=0.5, max_position_embeddings=128, pad_token_id=0)
 
 
 @needs_hf
