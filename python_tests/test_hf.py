@@ -132,10 +132,13 @@ def test_parity_packed_cu_seq_lens(dtype):
 
 
 @needs_hf
-def test_parity_packed_position_ids_only():
-    """DataCollatorWithFlattening without flash kwargs: documents found from restarting position_ids."""
+@pytest.mark.parametrize("config", ["llama", "mistral", "gemma2"])
+def test_parity_packed_position_ids_only(config):
+    """DataCollatorWithFlattening without flash kwargs: documents found from restarting position_ids
+    (each model must hand position_ids on to the attention)."""
     rows = rows_for(DOCS)
-    ours, eager = models(llama_config(), "lengen_varlen", "eager")
+    config = {"llama": llama_config, "mistral": mistral_config, "gemma2": gemma2_config}[config]()
+    ours, eager = models(config, "lengen_varlen", "eager")
     parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, DataCollatorWithFlattening()))
 
 
@@ -329,7 +332,7 @@ OPTIONS = [dict(return_flash_attn_kwargs=True), dict(), dict(return_seq_idx=True
 def test_collator_matches_hf(opts):
     try:
         theirs = DataCollatorWithFlattening(**opts)
-    except TypeError as e:  # position_ids_start arrived in transformers 5
+    except TypeError as e:  # position_ids_start arrived after transformers 5.0
         pytest.skip(f"this transformers' DataCollatorWithFlattening lacks an option: {e}")
     g = np.random.default_rng(0)
     lists = [{"input_ids": g.integers(0, 97, n).tolist()} for n in (3, 1, 7)]
@@ -337,7 +340,7 @@ def test_collator_matches_hf(opts):
                 for r in lists]
     ours = hf.PackedCollator(**{"return_flash_attn_kwargs": False, **opts})
     for rows in (lists, labelled):
-        mixed = copy.deepcopy(rows)                 # ours also takes tensors and arrays (HF does only since 5.x)
+        mixed = copy.deepcopy(rows)                 # ours also takes tensors and arrays (HF 4.x does not)
         mixed[1]["input_ids"] = torch.tensor(mixed[1]["input_ids"])
         mixed[2]["input_ids"] = np.asarray(mixed[2]["input_ids"])
         want = theirs(rows)
