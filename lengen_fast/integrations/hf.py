@@ -268,7 +268,7 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
     rot = rotaries[0]
     if getattr(rot, "_lengen_patched", False):
         return model
-    # the undecorated forward: 4.5x wraps attention forwards in @deprecate_kwarg, whose globals are not the model's
+    # the undecorated forward: 4.56-4.57 wrap attention forwards in @deprecate_kwarg, whose globals are not the model's
     forwards = {m: inspect.unwrap(type(m).forward) for m in model.modules()}
     layers = [m for m, f in forwards.items()
               if "apply_rotary_pos_emb" in getattr(getattr(f, "__code__", None), "co_names", ())]
