@@ -7,7 +7,10 @@ dtype per document, plus a small atol.
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,10 +132,13 @@ def test_parity_packed_cu_seq_lens(dtype):
 
 
 @needs_hf
-def test_parity_packed_position_ids_only():
-    """DataCollatorWithFlattening without flash kwargs: documents found from restarting position_ids."""
+@pytest.mark.parametrize("config", ["llama", "mistral", "gemma2"])
+def test_parity_packed_position_ids_only(config):
+    """DataCollatorWithFlattening without flash kwargs: documents found from restarting position_ids
+    (each model must hand position_ids on to the attention)."""
     rows = rows_for(DOCS)
-    ours, eager = models(llama_config(), "lengen_varlen", "eager")
+    config = {"llama": llama_config, "mistral": mistral_config, "gemma2": gemma2_config}[config]()
+    ours, eager = models(config, "lengen_varlen", "eager")
     parity(ours, eager, rows, torch.float32, lambda m: run_packed(m, rows, DataCollatorWithFlattening()))
 
 
@@ -174,8 +180,9 @@ def cohere_config():  # GPT-J (interleaved) rotary layout
 def phi_config():  # partial rotary (half the head), q split before apply_rotary_pos_emb
     from transformers import PhiConfig
 
+    # pad_token_id given: transformers 5.0.0's PhiConfig has no default for it
     return PhiConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     partial_rotary_factor=0.5, max_position_embeddings=128)
+                     partial_rotary_factor=0.5, max_position_embeddings=128, pad_token_id=0)
 
 
 @needs_hf
@@ -206,14 +213,21 @@ SCALED = {
 }
 
 
+def rope_config(theta, scaling):
+    """v5 configs take rope_parameters; v4 configs take rope_theta and rope_scaling."""
+    if "rope_parameters" in inspect.signature(LlamaConfig).parameters:
+        return {"rope_parameters": {"rope_theta": theta, **scaling}}
+    return {"rope_theta": theta, "rope_scaling": dict(scaling)}
+
+
 @needs_hf
 @pytest.mark.parametrize("kind", sorted(SCALED))
 def test_parity_fused_rope_patch_scaled(kind):
-    """The model's own rope config (v5 rope_parameters) goes through RopeScaling.from_hf."""
+    """The model's own rope config (v5 rope_parameters, v4 rope_theta + rope_scaling) goes through from_hf."""
     if not hasattr(lengen_fast.rope.RopeScaling, "from_hf"):
         pytest.skip("RopeScaling.from_hf arrives with the rope op")
     rows = rows_for(DOCS)
-    cfg = llama_config(rope_parameters={"rope_theta": 500.0, **SCALED[kind]})
+    cfg = llama_config(**rope_config(500.0, SCALED[kind]))
     ours, eager = models(cfg, "lengen_varlen", "eager")
     assert ours.model.rotary_emb.rope_type == kind
     hf.patch_rope(ours)
@@ -241,8 +255,10 @@ def test_compile_fullgraph_no_graph_break():
     hf.patch_rope(model)
     b = hf.PackedCollator()(rows_for(DOCS))
     compiled = torch.compile(model, fullgraph=True, backend="eager")
+    # a training-style forward: no KV cache (4.54/4.55's DynamicCache() constructor itself breaks the graph)
     for kw in ({k: v for k, v in b.items() if k != "labels"},
                {"input_ids": b["input_ids"], "position_ids": b["position_ids"]}):
+        kw["use_cache"] = False
         torch.testing.assert_close(compiled(**kw).logits, model(**kw).logits)
 
 
@@ -314,15 +330,22 @@ OPTIONS = [dict(return_flash_attn_kwargs=True), dict(), dict(return_seq_idx=True
 @needs_hf
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_collator_matches_hf(opts):
+    try:
+        theirs = DataCollatorWithFlattening(**opts)
+    except TypeError as e:  # position_ids_start arrived after transformers 5.0
+        pytest.skip(f"this transformers' DataCollatorWithFlattening lacks an option: {e}")
     g = np.random.default_rng(0)
-    rows = [{"input_ids": g.integers(0, 97, n).tolist()} for n in (3, 1, 7)]
-    rows[1]["input_ids"] = torch.tensor(rows[1]["input_ids"])                       # tensors and arrays too
-    rows[2]["input_ids"] = np.asarray(rows[2]["input_ids"])
+    lists = [{"input_ids": g.integers(0, 97, n).tolist()} for n in (3, 1, 7)]
+    labelled = [{"input_ids": r["input_ids"], "labels": [-100 if j < 2 else x for j, x in enumerate(r["input_ids"])]}
+                for r in lists]
     ours = hf.PackedCollator(**{"return_flash_attn_kwargs": False, **opts})
-    _equal(ours(rows), DataCollatorWithFlattening(**opts)(rows))
-    labelled = [{"input_ids": r["input_ids"],
-                 "labels": [-100 if j < 2 else int(x) for j, x in enumerate(r["input_ids"])]} for r in rows]
-    _equal(ours(labelled), DataCollatorWithFlattening(**opts)(labelled))
+    for rows in (lists, labelled):
+        mixed = copy.deepcopy(rows)                 # ours also takes tensors and arrays (HF 4.x does not)
+        mixed[1]["input_ids"] = torch.tensor(mixed[1]["input_ids"])
+        mixed[2]["input_ids"] = np.asarray(mixed[2]["input_ids"])
+        want = theirs(rows)
+        _equal(ours(rows), want)
+        _equal(ours(mixed), want)
 
 
 @needs_hf
@@ -484,6 +507,27 @@ def test_register_without_transformers(monkeypatch):
         hf.register()
     with pytest.raises(ImportError, match=r"pip install lengen_fast\[hf\]"):
         hf.patch_rope(torch.nn.Linear(2, 2))
+
+
+@needs_hf
+def test_register_transformers_too_old(monkeypatch):
+    """transformers < 4.53 has no masking_utils: the error names the installed and the required versions."""
+    import transformers
+
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)
+    found = re.escape(transformers.__version__)
+    with pytest.raises(ImportError, match=rf"needs transformers>=4\.53 \(found {found}\)"):
+        hf.register()
+
+
+def test_min_transformers_matches_pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if not path.exists():
+        pytest.skip("no pyproject.toml beside the tests (installed package)")
+    extras = tomllib.loads(path.read_text())["project"]["optional-dependencies"]
+    for extra in ("hf", "test"):
+        assert f"transformers>={hf.MIN_TRANSFORMERS}" in extras[extra], extra
 
 
 def _qkv(B=1, H=4, H_kv=2, S=6, D=8):

@@ -18,6 +18,7 @@ raises instead of computing something else.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 ATTN_NAME = "lengen_varlen"
+MIN_TRANSFORMERS = "4.53"  # masking_utils' AttentionMaskInterface; keep in step with pyproject's extras
 _INSTALL = "pip install lengen_fast[hf]"
 
 
@@ -39,7 +41,7 @@ def _transformers():
         from transformers.modeling_utils import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
     except ImportError as e:
-        raise ImportError(f"lengen_fast.integrations.hf needs transformers>=4.53 (found "
+        raise ImportError(f"lengen_fast.integrations.hf needs transformers>={MIN_TRANSFORMERS} (found "
                           f"{getattr(transformers, '__version__', '?')}): {_INSTALL} --upgrade") from e
     return AttentionInterface, AttentionMaskInterface, flash_attention_mask
 
@@ -266,8 +268,10 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
     rot = rotaries[0]
     if getattr(rot, "_lengen_patched", False):
         return model
-    layers = [m for m in model.modules()
-              if "apply_rotary_pos_emb" in getattr(getattr(type(m).forward, "__code__", None), "co_names", ())]
+    # the undecorated forward: 4.56-4.57 wrap attention forwards in @deprecate_kwarg, whose globals are not the model's
+    forwards = {m: inspect.unwrap(type(m).forward) for m in model.modules()}
+    layers = [m for m, f in forwards.items()
+              if "apply_rotary_pos_emb" in getattr(getattr(f, "__code__", None), "co_names", ())]
     if not layers:
         raise ValueError(f"lengen_fast.patch_rope: no attention layer of {type(model).__name__} calls "
                          "apply_rotary_pos_emb; this model's rotary layout is not supported")
@@ -288,7 +292,7 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
                          f"match {type(rot).__name__}'s frequencies/attention factor; leave this model unpatched")
     # 2. rotation layout: the model's apply_rotary_pos_emb vs ours on a probe, NeoX then GPT-J layout;
     # 3. and the model's own cos for that layout (small positions: a bf16 inv_freq buffer is coarse)
-    globals_ = {id(g): g for g in (type(m).forward.__globals__ for m in layers)}
+    globals_ = {id(g): g for g in (forwards[m].__globals__ for m in layers)}
     gen = torch.Generator().manual_seed(0)
     pos = torch.tensor([0, 1, 2, 7, 31, 100])
     q = torch.randn(1, 2, pos.numel(), head_dim, generator=gen)
