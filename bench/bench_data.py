@@ -6,6 +6,7 @@ process CPU seconds and the 1-minute load average, because the 2-core CI machine
 wall-clock times there depend on the neighbours, CPU seconds much less.
 
     python bench/bench_data.py            # full sizes (10M documents)
+    python bench/bench_data.py decompose  # one section (decompose, bfd, gather)
     LENGEN_BENCH_QUICK=1 python bench/bench_data.py
 """
 from __future__ import annotations
@@ -196,10 +197,14 @@ def bench_gather():
 
 
 def main():
+    sections = {"decompose": bench_decompose, "bfd": bench_bfd, "gather": bench_gather}
+    names = sys.argv[1:] or list(sections)
+    unknown = sorted(set(names) - set(sections))
+    if unknown:
+        raise SystemExit(f"unknown sections {unknown}; choose from {list(sections)}")
     print(backends.describe())
-    bench_decompose()
-    bench_bfd()
-    bench_gather()
+    for name in names:
+        sections[name]()
 
 
 if __name__ == "__main__":
