@@ -51,20 +51,21 @@ def bench_decompose():
     cfg = {"n_docs": n, "dist": "lognormal(mean=1000, sigma=1.2)", "min_len": 256, "max_len": 8192}
     rows = []
     if backends.cpu_ext() is not None:
-        # The first call is the warm-up, timed on its own: its output pages are new to the process
-        # (on the CI VM the host backs them lazily, which costs several times the steady state).
+        # The first call is timed on its own: its 85 MB of output pages are new to the process. On the
+        # CI VM new pages are backed lazily by the host, which costs up to 4x the steady state for the
+        # first few calls, so 4 more warm-up calls precede the 15 timed ones.
         t0 = time.perf_counter()
         decompose(lengths, 256, 8192, backend="cpu")
         first_ms = (time.perf_counter() - t0) * 1e3
-        t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=9, warmup=0)
+        t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=15, warmup=4)
         rows.append(record("decompose", cfg, "lengen C++ (OpenMP)", t, throughput=n / t.median_ms / 1e3,
                            unit="Mdocs/s", note=f"first call {first_ms:.1f} ms; cpu_s={cpu:.3f} "
                                             f"threads={backends.cpu_ext().num_threads()} {_load()}"))
-    t, cpu = timed(lambda: decompose_numpy(lengths, 256, 8192), reps=3)
+    t, cpu = timed(lambda: decompose_numpy(lengths, 256, 8192), reps=5, warmup=2)
     rows.append(record("decompose", cfg, "numpy vectorized", t, throughput=n / t.median_ms / 1e3, unit="Mdocs/s",
                        note=f"cpu_s={cpu:.3f} {_load()}"))
     small = lengths[:sub]
-    t, cpu = timed(lambda: decompose_ref(small, 256, 8192), reps=1, warmup=0)
+    t, cpu = timed(lambda: decompose_ref(small, 256, 8192), reps=5, warmup=1)
     scale = n / sub
     t.median_ms *= scale
     t.p20_ms *= scale
