@@ -1,9 +1,9 @@
 // Dataset decomposition (Pouransari et al. 2024): every document of length L is cut into
 // L / max_len pieces of max_len, then one piece per set bit of L % max_len (largest first).
 // Bits below min_len are dropped or kept as one remainder piece.
-// One OpenMP region with the GIL released: count pieces per (thread, bucket), make one
-// allocation for every output array, then fill, so each bucket keeps document order and
-// threads never share output ranges.
+// With the GIL released: count pieces per (thread, bucket), make one allocation for every
+// output array, then fill, so each bucket keeps document order and threads never share
+// output ranges.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <thread>
 #include <type_traits>
 #include <vector>
 #ifdef _OPENMP
@@ -195,6 +196,17 @@ void fill_range(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int l
     fill_block_scalar(L, i0, std::min(hi, i0 + kBlock), K, lmin, lmax, remainder, c);
 }
 
+// f(t) for t in [0, nt), t = 0 on the calling thread. Plain threads joined by blocking waits:
+// OpenMP's idle threads spin after each region and barrier, which on the shared 2-core machine
+// took the core from the thread still working (1.5-2x the wall time when a neighbour was busy).
+template <typename F>
+void run_threads(int nt, F&& f) {
+  std::vector<std::thread> pool;
+  for (int t = 1; t < nt; ++t) pool.emplace_back(f, t);
+  f(0);
+  for (auto& th : pool) th.join();
+}
+
 }  // namespace
 
 // lengths: (N,) int64. Returns (doc_arrays, start_arrays, rem_doc, rem_start, rem_len, dropped_tokens,
@@ -214,27 +226,22 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
   int nt = 1;
 #ifdef _OPENMP
   nt = omp_get_max_threads();
-  if (n < 100000) nt = 1;
 #endif
+  if (n < 100000) nt = 1;
   // counts[t * (K + 1) + k]: pieces of bucket k found by thread t; then exclusive offsets.
   std::vector<int64_t> counts(static_cast<size_t>(nt) * (K + 1), 0);
   std::vector<int64_t> total(K + 1, 0), off(K + 2, 0);  // off: element offset of bucket k's arrays
-  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0), maxl(nt, 0), sum(nt, 0), empty(nt, 0);
-  bool bad = false, narrow = true, oom = false;
+  std::vector<int64_t> dtok(nt, 0), dpieces(nt, 0), maxl(nt, 0), sum(nt, 0), empty(nt, 0), neg(nt, 0);
+  bool narrow = true;
   void* buf = nullptr;
   {
     py::gil_scoped_release nogil;
-#pragma omp parallel num_threads(nt)
-    {
-      int t = 0;
-#ifdef _OPENMP
-      t = omp_get_thread_num();
-#endif
+    run_threads(nt, [&](int t) {
       const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
       // Thread-local counters: the shared counts rows sit on common cache lines (false sharing),
       // and a local array lets the compiler keep them out of memory traffic aliasing L.
       int64_t cnt[kMaxBuckets + 1] = {};
-      int64_t dt = 0, mx = 0, sm = 0, ne = 0, neg = 0;
+      int64_t dt = 0, mx = 0, sm = 0, ne = 0, ng = 0;
       // Blocks that stay in L1, one branch-free (vectorizable) loop per statistic and bit:
       // random lengths would mispredict a per-document set-bit loop.
       for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
@@ -242,7 +249,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
         int64_t top = 0, has = 0;
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t l = L[i];
-          neg |= l;
+          ng |= l;
           mx = std::max(mx, l);
           sm += l;
           ne += l == 0;
@@ -264,57 +271,51 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
       dtok[t] = remainder ? 0 : dt;
       if (!remainder) cnt[K] = 0;
       std::copy(cnt, cnt + K + 1, &counts[static_cast<size_t>(t) * (K + 1)]);
-      maxl[t] = mx; sum[t] = sm; empty[t] = ne;
-      if (neg < 0) {
-#pragma omp critical
-        bad = true;
+      maxl[t] = mx; sum[t] = sm; empty[t] = ne; neg[t] = ng;
+    });
+    if (*std::min_element(neg.begin(), neg.end()) >= 0) {
+      for (int k = 0; k <= K; ++k) {
+        int64_t run = 0;
+        for (int t = 0; t < nt; ++t) {
+          const int64_t v = counts[static_cast<size_t>(t) * (K + 1) + k];
+          counts[static_cast<size_t>(t) * (K + 1) + k] = run;
+          run += v;
+        }
+        total[k] = run;
       }
-#pragma omp barrier
-#pragma omp single
-      {
-        for (int k = 0; k <= K; ++k) {
-          int64_t run = 0;
-          for (int u = 0; u < nt; ++u) {
-            const int64_t v = counts[static_cast<size_t>(u) * (K + 1) + k];
-            counts[static_cast<size_t>(u) * (K + 1) + k] = run;
-            run += v;
-          }
-          total[k] = run;
-        }
-        // Index arrays are int32 when every document index and offset fits: half the output bytes.
-        narrow = n < (int64_t(1) << 31) && *std::max_element(maxl.begin(), maxl.end()) < (int64_t(1) << 31);
-        for (int k = 0; k <= K; ++k) off[k + 1] = off[k] + 2 * ((total[k] + kAlignElems - 1) & ~(kAlignElems - 1));
-        const size_t bytes = static_cast<size_t>(off[K + 1] + total[K]) * (narrow ? 4 : 8) + 64;
-        // Huge pages: a fresh page fault per 4 KiB of output costs more than writing it.
-        const size_t align = bytes >= (size_t(4) << 20) ? (size_t(2) << 20) : 64;
-        if (!bad) {
-          buf = std::aligned_alloc(align, (bytes + align - 1) / align * align);
-          oom = buf == nullptr;
+      // Index arrays are int32 when every document index and offset fits: half the output bytes.
+      narrow = n < (int64_t(1) << 31) && *std::max_element(maxl.begin(), maxl.end()) < (int64_t(1) << 31);
+      for (int k = 0; k <= K; ++k) off[k + 1] = off[k] + 2 * ((total[k] + kAlignElems - 1) & ~(kAlignElems - 1));
+      const size_t bytes = static_cast<size_t>(off[K + 1] + total[K]) * (narrow ? 4 : 8) + 64;
+      // Huge pages: a fresh page fault per 4 KiB of output costs more than writing it.
+      const size_t align = bytes >= (size_t(4) << 20) ? (size_t(2) << 20) : 64;
+      const size_t size = (bytes + align - 1) / align * align;
+      buf = std::aligned_alloc(align, size);
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-          if (buf && align > 64) madvise(buf, (bytes + align - 1) / align * align, MADV_HUGEPAGE);
+      if (buf && align > 64) madvise(buf, size, MADV_HUGEPAGE);
 #endif
-        }
-      }  // implicit barrier
-      if (!bad && !oom) {
+      if (buf) {
         auto fill = [&](auto tag) {
           using I = decltype(tag);
           I* base = static_cast<I*>(buf);
-          Cursor<I> c;
-          for (int k = 0; k <= K; ++k) {
-            c.pos[k] = counts[static_cast<size_t>(t) * (K + 1) + k];
-            c.end[k] = t + 1 < nt ? counts[static_cast<size_t>(t + 1) * (K + 1) + k] : total[k];
-            c.doc[k] = base + off[k];
-            c.start[k] = base + off[k] + (off[k + 1] - off[k]) / 2;
-          }
-          c.rem_len = base + off[K + 1];
-          fill_range(L, lo, hi, K, lmin, lmax, remainder, simd, c);
+          run_threads(nt, [&](int t) {
+            Cursor<I> c;
+            for (int k = 0; k <= K; ++k) {
+              c.pos[k] = counts[static_cast<size_t>(t) * (K + 1) + k];
+              c.end[k] = t + 1 < nt ? counts[static_cast<size_t>(t + 1) * (K + 1) + k] : total[k];
+              c.doc[k] = base + off[k];
+              c.start[k] = base + off[k] + (off[k + 1] - off[k]) / 2;
+            }
+            c.rem_len = base + off[K + 1];
+            fill_range(L, n * t / nt, n * (t + 1) / nt, K, lmin, lmax, remainder, simd, c);
+          });
         };
         if (narrow) fill(int32_t{}); else fill(int64_t{});
       }
     }
   }
-  LF_CHECK(!bad, "lengths must be non-negative");
-  if (oom) throw std::bad_alloc();
+  LF_CHECK(*std::min_element(neg.begin(), neg.end()) >= 0, "lengths must be non-negative");
+  if (!buf) throw std::bad_alloc();
   py::capsule owner(buf, [](void* p) { std::free(p); });
   py::list dl, sl;
   py::object rd, rs, rlen;
