@@ -196,6 +196,107 @@ void fill_range(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int l
     fill_block_scalar(L, i0, std::min(hi, i0 + kBlock), K, lmin, lmax, remainder, c);
 }
 
+// Per-thread results of the counting pass: pieces per bucket (K: documents with a remainder) and
+// the statistics returned alongside (remainder tokens, max, sum, empty documents, OR of all lengths).
+struct Stats {
+  int64_t cnt[kMaxBuckets + 1] = {};
+  int64_t dt = 0, mx = 0, sm = 0, ne = 0, ng = 0;
+};
+
+// Blocks that stay in L1, one branch-free (vectorizable) loop per statistic and bit: random lengths
+// would mispredict a per-document set-bit loop.
+void count_block_scalar(const int64_t* L, int64_t i0, int64_t i1, int K, int lmin, int lmax, Stats& s) {
+  const int64_t low_mask = (int64_t(1) << lmin) - 1;
+  int64_t top = 0, has = 0, dt = 0, mx = s.mx, sm = 0, ne = 0, ng = 0;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t l = L[i];
+    ng |= l;
+    mx = std::max(mx, l);
+    sm += l;
+    ne += l == 0;
+    top += l >> lmax;
+    const int64_t low = l & low_mask;
+    dt += low;
+    has += low != 0;
+  }
+  s.cnt[K - 1] += top;
+  s.cnt[K] += has;
+  s.dt += dt; s.mx = mx; s.sm += sm; s.ne += ne; s.ng |= ng;
+  for (int k = 0; k < K - 1; ++k) {
+    const int sh = lmin + k;
+    int64_t c = 0;
+    for (int64_t i = i0; i < i1; ++i) c += (L[i] >> sh) & 1;
+    s.cnt[k] += c;
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+// The same, 8 lengths per vector, for at most 1024 documents. Bucket bits are counted 8 at a time:
+// vpmultishiftqb moves bit lmin + 8g + j of every length into the low bit of byte j, and byte
+// counters (at most 128 per block, no overflow) are summed into the 64-bit counts at the end.
+void count_block_avx512(const int64_t* L, int64_t i0, int64_t i1, int K, int lmin, int lmax, Stats& s) {
+  const int nbits = K - 1;
+  const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi64(1), byte1 = _mm512_set1_epi8(1);
+  const __m512i low = _mm512_set1_epi64((int64_t(1) << lmin) - 1);
+  auto ctrl = [&](int g) {
+    uint64_t c = 0;
+    for (int j = 0; j < 8; ++j) c |= static_cast<uint64_t>((lmin + 8 * g + j) & 63) << (8 * j);
+    return _mm512_set1_epi64(static_cast<int64_t>(c));
+  };
+  auto add_bits = [&](int g, __m512i acc) {
+    alignas(64) uint8_t b[64];
+    _mm512_store_si512(b, acc);
+    for (int j = 0; j < 8 && 8 * g + j < nbits; ++j) {
+      int64_t c = 0;
+      for (int q = 0; q < 8; ++q) c += b[8 * q + j];
+      s.cnt[8 * g + j] += c;
+    }
+  };
+  __m512i orv = zero, mxv = zero, smv = zero, topv = zero, dtv = zero, nev = zero, hasv = zero, acc = zero;
+  const __m512i c0 = ctrl(0);
+  for (int64_t i = i0; i < i1; i += 8) {
+    const __mmask8 in = static_cast<__mmask8>(i1 - i >= 8 ? 0xFF : (1u << (i1 - i)) - 1);
+    const __m512i v = _mm512_maskz_loadu_epi64(in, L + i);  // lanes past i1 read as empty documents
+    orv = _mm512_or_si512(orv, v);
+    mxv = _mm512_max_epi64(mxv, v);
+    smv = _mm512_add_epi64(smv, v);
+    topv = _mm512_add_epi64(topv, _mm512_srli_epi64(v, lmax));
+    dtv = _mm512_add_epi64(dtv, _mm512_and_si512(v, low));
+    hasv = _mm512_mask_add_epi64(hasv, _mm512_test_epi64_mask(v, low), hasv, one);
+    nev = _mm512_mask_add_epi64(nev, _mm512_mask_cmpeq_epi64_mask(in, v, zero), nev, one);
+    acc = _mm512_add_epi8(acc, _mm512_and_si512(_mm512_multishift_epi64_epi8(c0, v), byte1));
+  }
+  add_bits(0, acc);
+  for (int g = 1; 8 * g < nbits; ++g) {
+    const __m512i cg = ctrl(g);
+    acc = zero;
+    for (int64_t i = i0; i < i1; i += 8) {
+      const __mmask8 in = static_cast<__mmask8>(i1 - i >= 8 ? 0xFF : (1u << (i1 - i)) - 1);
+      acc = _mm512_add_epi8(acc, _mm512_and_si512(_mm512_multishift_epi64_epi8(cg, _mm512_maskz_loadu_epi64(in, L + i)),
+                                                  byte1));
+    }
+    add_bits(g, acc);
+  }
+  s.cnt[K - 1] += _mm512_reduce_add_epi64(topv);
+  s.cnt[K] += _mm512_reduce_add_epi64(hasv);
+  s.dt += _mm512_reduce_add_epi64(dtv);
+  s.mx = std::max<int64_t>(s.mx, _mm512_reduce_max_epi64(mxv));
+  s.sm += _mm512_reduce_add_epi64(smv);
+  s.ne += _mm512_reduce_add_epi64(nev);
+  s.ng |= _mm512_reduce_or_epi64(orv);
+}
+#endif
+
+void count_range(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int lmax, bool simd, Stats& s) {
+#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+  if (simd) {
+    for (int64_t i0 = lo; i0 < hi; i0 += 1024) count_block_avx512(L, i0, std::min(hi, i0 + 1024), K, lmin, lmax, s);
+    return;
+  }
+#endif
+  for (int64_t i0 = lo; i0 < hi; i0 += kBlock) count_block_scalar(L, i0, std::min(hi, i0 + kBlock), K, lmin, lmax, s);
+}
+
 // f(t) for t in [0, nt), t = 0 on the calling thread. Plain threads joined by blocking waits:
 // OpenMP's idle threads spin after each region and barrier, which on the shared 2-core machine
 // took the core from the thread still working (1.5-2x the wall time when a neighbour was busy).
@@ -212,7 +313,7 @@ void run_threads(int nt, F&& f) {
 // lengths: (N,) int64. Returns (doc_arrays, start_arrays, rem_doc, rem_start, rem_len, dropped_tokens,
 // dropped_pieces, total_tokens, empty_docs) with one (doc, start) array pair per bucket k (piece length
 // min_len << k), int32 when all indices fit, else int64. All arrays are views of one allocation.
-// simd=false forces the scalar fill (the AVX-512 one is used when compiled in).
+// simd=false forces the scalar count and fill (the AVX-512 ones are used when compiled in).
 py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64_t min_len,
                          int64_t max_len, bool remainder, bool simd) {
   LF_CHECK(min_len >= 1 && (min_len & (min_len - 1)) == 0, "min_len must be a power of two, got " << min_len);
@@ -222,7 +323,6 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
   const int64_t* L = lengths.data();
   const int lmin = ilog2(min_len), lmax = ilog2(max_len);
   const int K = lmax - lmin + 1;  // buckets; index K is the remainder bucket
-  const int64_t low_mask = min_len - 1;
   int nt = 1;
 #ifdef _OPENMP
   nt = omp_get_max_threads();
@@ -239,39 +339,14 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
     run_threads(nt, [&](int t) {
       const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
       // Thread-local counters: the shared counts rows sit on common cache lines (false sharing),
-      // and a local array lets the compiler keep them out of memory traffic aliasing L.
-      int64_t cnt[kMaxBuckets + 1] = {};
-      int64_t dt = 0, mx = 0, sm = 0, ne = 0, ng = 0;
-      // Blocks that stay in L1, one branch-free (vectorizable) loop per statistic and bit:
-      // random lengths would mispredict a per-document set-bit loop.
-      for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
-        const int64_t i1 = std::min(hi, i0 + kBlock);
-        int64_t top = 0, has = 0;
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t l = L[i];
-          ng |= l;
-          mx = std::max(mx, l);
-          sm += l;
-          ne += l == 0;
-          top += l >> lmax;
-          const int64_t low = l & low_mask;
-          dt += low;
-          has += low != 0;
-        }
-        cnt[K - 1] += top;
-        cnt[K] += has;
-        for (int k = 0; k < K - 1; ++k) {
-          const int sh = lmin + k;
-          int64_t c = 0;
-          for (int64_t i = i0; i < i1; ++i) c += (L[i] >> sh) & 1;
-          cnt[k] += c;
-        }
-      }
-      dpieces[t] = remainder ? 0 : cnt[K];
-      dtok[t] = remainder ? 0 : dt;
-      if (!remainder) cnt[K] = 0;
-      std::copy(cnt, cnt + K + 1, &counts[static_cast<size_t>(t) * (K + 1)]);
-      maxl[t] = mx; sum[t] = sm; empty[t] = ne; neg[t] = ng;
+      // and a local struct lets the compiler keep them out of memory traffic aliasing L.
+      Stats st;
+      count_range(L, lo, hi, K, lmin, lmax, simd, st);
+      dpieces[t] = remainder ? 0 : st.cnt[K];
+      dtok[t] = remainder ? 0 : st.dt;
+      if (!remainder) st.cnt[K] = 0;
+      std::copy(st.cnt, st.cnt + K + 1, &counts[static_cast<size_t>(t) * (K + 1)]);
+      maxl[t] = st.mx; sum[t] = st.sm; empty[t] = st.ne; neg[t] = st.ng;
     });
     if (*std::min_element(neg.begin(), neg.end()) >= 0) {
       for (int k = 0; k <= K; ++k) {
