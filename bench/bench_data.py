@@ -58,7 +58,7 @@ def bench_decompose():
         decompose(lengths, 256, 8192, backend="cpu")
         first_ms = (time.perf_counter() - t0) * 1e3
         t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=15, warmup=4)
-        rows.append(record("decompose", cfg, "lengen C++ (OpenMP)", t, throughput=n / t.median_ms / 1e3,
+        rows.append(record("decompose", cfg, "lengen C++ (AVX-512, threads)", t, throughput=n / t.median_ms / 1e3,
                            unit="Mdocs/s", note=f"first call {first_ms:.1f} ms; cpu_s={cpu:.3f} "
                                             f"threads={backends.cpu_ext().num_threads()} {_load()}"))
     t, cpu = timed(lambda: decompose_numpy(lengths, 256, 8192), reps=5, warmup=2)
@@ -74,7 +74,7 @@ def bench_decompose():
                        unit="Mdocs/s", note=f"timed on the first {sub:,} docs and scaled x{scale:.0f}; "
                                             f"cpu_s={cpu * scale:.2f} (scaled) {_load()}"))
     print(f"\ndecompose {n:,} lognormal lengths (256..8192)")
-    print_table(rows, baseline="lengen C++ (OpenMP)" if backends.cpu_ext() is not None else None)
+    print_table(rows, baseline="lengen C++ (AVX-512, threads)" if backends.cpu_ext() is not None else None)
     return rows
 
 
