@@ -1,11 +1,13 @@
 """Decomposition, packing, curricula and audit against their pure-Python references (hypothesis)."""
+import gc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lengen_fast import backends
-from lengen_fast.data import (CURRICULA, audit, bucket_schedule, concat_chunk, decompose, decompose_numpy,
+from lengen_fast.data import (CURRICULA, Decomposition, audit, bucket_schedule, concat_chunk, decompose, decompose_numpy,
                               decompose_ref, embedded_corpus, open_tokens, pack_bfd, pack_bfd_ref,
                               pack_first_fit_ref, synthetic_lengths)
 
@@ -50,12 +52,48 @@ def test_decompose_matches_reference(lengths, lo, hi, remainder):
         assert ref.tokens_dropped == 0
 
 
+def _cpu_raw(lengths, lo, hi, remainder, simd):
+    """The C++ kernel with the AVX-512 fill (when compiled in) or the scalar fill forced."""
+    d, s, rd, rs, rl, dt, dp, total, empty = backends.cpu_ext().data_decompose(
+        np.asarray(lengths, np.int64), lo, hi, remainder, simd)
+    rem = (rd, rs, rl) if remainder else (None, None, None)
+    return Decomposition(lo, hi, list(d), list(s), *rem, len(lengths), int(total), int(dt), int(dp), int(empty))
+
+
 @needs_ext
-def test_decompose_large_parallel_matches_numpy():
+@pytest.mark.parametrize("simd", [True, False])
+def test_decompose_large_parallel_matches_numpy(simd):
     lengths = synthetic_lengths(300_000, seed=3, mean=3000, sigma=1.5)  # > the C++ parallel threshold
-    for lo, hi, rem in ((256, 8192, False), (64, 2048, True), (128, 128, False)):
-        _same_decomposition(decompose(lengths, lo, hi, remainder=rem, backend="cpu"),
-                            decompose_numpy(lengths, lo, hi, remainder=rem))
+    for lo, hi, rem in ((256, 8192, False), (64, 2048, True), (128, 128, False), (1, 1 << 40, True)):
+        _same_decomposition(_cpu_raw(lengths, lo, hi, rem, simd), decompose_numpy(lengths, lo, hi, remainder=rem))
+
+
+@needs_ext
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.one_of(st.integers(0, 5000), st.integers(0, (1 << 31) - 1)), min_size=0, max_size=40),
+       longest=st.sampled_from([None, (1 << 31) - 1, 1 << 31, (1 << 40) + 12345]),
+       lo=st.sampled_from([1, 256, 1 << 20, 1 << 31]), hi=st.sampled_from([1 << 30, 1 << 31, 1 << 45]),
+       remainder=st.booleans(), simd=st.booleans())
+def test_decompose_huge_lengths_and_buckets(lengths, longest, lo, hi, remainder, simd):
+    # lengths and bucket bits around 2^31: int32 outputs while every length < 2^31, else int64, and
+    # bucket bits the int32 fill must skip; max_len >= 2^30 keeps the number of max_len pieces small
+    lengths = lengths + ([] if longest is None else [longest])
+    lo, hi = min(lo, hi), max(lo, hi)
+    _same_decomposition(_cpu_raw(lengths, lo, hi, remainder, simd),
+                        decompose_numpy(lengths, lo, hi, remainder=remainder))
+
+
+@needs_ext
+def test_decompose_arrays_outlive_the_result():
+    # every bucket array is a view of one C++ allocation, owned by whichever arrays survive
+    d = decompose(synthetic_lengths(150_000, seed=4), 256, 8192, backend="cpu")
+    want = decompose_numpy(synthetic_lengths(150_000, seed=4), 256, 8192)
+    kept = d.starts[1]
+    del d
+    gc.collect()
+    junk = [np.ones(1 << 20) for _ in range(8)]  # reuse freed memory if the view dangled
+    np.testing.assert_array_equal(kept, want.starts[1])
+    del junk
 
 
 def test_decompose_example_and_arrow():

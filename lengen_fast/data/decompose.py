@@ -22,8 +22,8 @@ def _pow2(name: str, v) -> int:
     return int(v)
 
 
-def check_lengths(lengths, name: str = "lengths") -> np.ndarray:
-    """(N,) int64 view/copy of ``lengths``; ValueError on wrong rank, non-integers or negatives."""
+def check_lengths(lengths, name: str = "lengths", *, nonneg: bool = True) -> np.ndarray:
+    """(N,) int64 view/copy of ``lengths``; ValueError on wrong rank, non-integers or (``nonneg``) negatives."""
     if hasattr(lengths, "lengths") and not isinstance(lengths, np.ndarray):
         lengths = lengths.lengths  # a TokenSource
     arr = np.asarray(lengths)
@@ -32,7 +32,7 @@ def check_lengths(lengths, name: str = "lengths") -> np.ndarray:
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
     arr = np.ascontiguousarray(arr, dtype=np.int64)
-    if arr.size and arr.min() < 0:
+    if nonneg and arr.size and arr.min() < 0:
         raise ValueError(f"{name} must be non-negative (document {int(np.argmin(arr))} has {int(arr.min())})")
     return arr
 
@@ -115,7 +115,12 @@ def _finish(lengths, min_len, max_len, docs, starts, rem, dropped_tokens, droppe
 
 
 def _decompose_cpu(lengths, min_len, max_len, remainder):
-    d, s, rd, rs, rl, dt, dp, total, empty = backends.cpu_ext().data_decompose(lengths, min_len, max_len, remainder)
+    try:
+        d, s, rd, rs, rl, dt, dp, total, empty = backends.cpu_ext().data_decompose(lengths, min_len, max_len,
+                                                                                   remainder)
+    except ValueError:
+        check_lengths(lengths)  # the C++ pass found a negative length: name the document
+        raise
     rem = (rd, rs, rl) if remainder else (None, None, None)
     return _finish(lengths, min_len, max_len, d, s, rem, dt, dp, total, empty)
 
@@ -195,7 +200,8 @@ def decompose(lengths, min_len: int = 256, max_len: int = 8192, *, remainder: bo
     lengths: (N,) ints or a TokenSource. Returns a :class:`Decomposition`; dropped tokens
     (pieces shorter than min_len) are counted in ``tokens_dropped``.
     """
-    lengths = check_lengths(lengths)
-    min_len, max_len = check_bucket_range(min_len, max_len)
     impl = backends.select("data", torch.device("cpu"), backend, supported=_IMPLS.keys())
+    # The C++ counting pass rejects negatives itself, which saves a full min() pass over the lengths.
+    lengths = check_lengths(lengths, nonneg=impl != "cpu")
+    min_len, max_len = check_bucket_range(min_len, max_len)
     return _IMPLS[impl](lengths, min_len, max_len, bool(remainder))
