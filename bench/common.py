@@ -66,9 +66,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+_GPU_WARM: set = set()
+
+
+def gpu_warmup(device, seconds: float = 1.0) -> None:
+    """Keep the GPU busy with bf16 matmuls for ``seconds`` once per process and device: an idle H100 sits at a
+    low clock, so the first configs timed after start-up ran slow (RoPE at 16k tokens: 38% of the copy bandwidth)."""
+    device = torch.device(device)
+    if device.type != "cuda" or device in _GPU_WARM:
+        return
+    _GPU_WARM.add(device)
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize(device)
+
+
 def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: int = 10,
             min_time_s: float = 0.0, max_time_s: float = 30.0) -> Timing:
     """Run fn warmup times, then at least reps times (until min_time_s); return quantiles in ms."""
+    gpu_warmup(device)
     for _ in range(warmup):
         fn()
     _sync(device)
