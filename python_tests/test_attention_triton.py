@@ -21,6 +21,7 @@ from lengen_fast.triton.attention_fwd import attention_fwd_triton
 from lengen_fast.triton.attention_sched import KernelConfig, schedule_torch, tile_schedule
 
 from attn_check import ATOL, assert_within_rule
+from compile_check import compile_for_sm90
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -320,14 +321,4 @@ print("compiled")
 def test_kernels_compile_for_sm90():
     """The interpreter does not lower the kernels: compile fwd, dk/dv and dq for an H100 (no GPU needed) in bf16,
     hdim 128, causal, with the first long and the first short config, and check they use tensor-core dots."""
-    import os
-    import subprocess
-    import sys
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        pytest.skip("triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    compile_for_sm90(COMPILE_FOR_SM90)

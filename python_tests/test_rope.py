@@ -16,6 +16,8 @@ from lengen_fast import backends
 from lengen_fast.reference import apply_rope_ref, positions_from_cu_seqlens
 from lengen_fast.rope import RopeScaling, apply_rope, rope_frequencies
 
+from compile_check import compile_for_sm90
+
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
@@ -428,17 +430,7 @@ print("compiled")
 
 def test_triton_kernel_compiles_for_sm90():
     """The interpreter does not lower the kernel; compile it for an H100 (no GPU needed) to catch lowering errors."""
-    import os
-    import subprocess
-    import sys
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        pytest.skip("triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+    compile_for_sm90(COMPILE_FOR_SM90)
 
 
 # ----------------------------------------------------------------------------- bad input
