@@ -18,3 +18,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(requires_gpu)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread avoids OpenMP oversubscription on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

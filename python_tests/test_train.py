@@ -17,13 +17,7 @@ from lengen_fast.train import tasks as T
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids OpenMP oversubscription on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SYNTH = ("copy_unique", "copy_repeat", "reverse", "parity", "majority", "addition", "passkey")

@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .attention_fwd import mask_flags, score_params, scores, visible
 from .attention_sched import (
-    block_d, candidate_configs, dot_acc, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
-    visible_range,
+    block_d, candidate_configs, doc_bounds, dot_acc, dot_precision, is_short, load_rows, pick_config, tanh_f32,
+    tile_lookup, tile_schedule, visible_range,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -40,20 +40,6 @@ def _bwd_delta(O, DO, DELTA, sot, soh, sod, sdt, sdh, sdd, sxh, T,
 
 
 @triton.jit
-def _load_rows(ptrs, rows, n, dmask, MASK: tl.constexpr, EVEN_D: tl.constexpr):
-    if MASK:
-        m = (rows < n)[:, None]
-        if not EVEN_D:
-            m = m & dmask
-        x = tl.load(ptrs, mask=m, other=0.0)
-    elif EVEN_D:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=dmask, other=0.0)
-    return x
-
-
-@triton.jit
 def _dkdv_inner(dk, dv, cdk, cdv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, step_q, step_do, step_l, step_x,
                 lo, hi, cols, sq, diff, win_left, win_right, qk_scale2, cap2, offs_m, dmask,
                 BLOCK_M: tl.constexpr, MASK: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -61,8 +47,8 @@ def _dkdv_inner(dk, dv, cdk, cdv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, s
     """Query tiles [lo, hi) step BLOCK_M against one key tile; works on transposed (BN, BM) scores."""
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_rows(q_ptrs, rows, sq, dmask, MASK, EVEN_D)                       # (BM, D)
-        do = _load_rows(do_ptrs, rows, sq, dmask, MASK, EVEN_D)                     # (BM, D)
+        q = load_rows(q_ptrs, rows, sq, dmask, MASK, EVEN_D)                       # (BM, D)
+        do = load_rows(do_ptrs, rows, sq, dmask, MASK, EVEN_D)                     # (BM, D)
         if MASK:
             lse2 = tl.load(lse_ptrs, mask=rows < sq, other=float("inf")) * 1.4426950408889634
             delta = tl.load(delta_ptrs, mask=rows < sq, other=0.0)
@@ -143,10 +129,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
                  zero.to(DV.dtype.element_ty), mask=t_mask)
     else:
         doc, tile_n, n_t = tile_lookup(PREFIX, ORDER, slot, B)   # first key tile is the heaviest (causal)
-        q0 = tl.load(CU_Q + doc)
-        sq = tl.load(CU_Q + doc + 1) - q0
-        k0 = tl.load(CU_K + doc)
-        sk = tl.load(CU_K + doc + 1) - k0
+        q0, sq, k0, sk = doc_bounds(CU_Q, CU_K, doc)
         diff = sk - sq
         n_lo = tile_n * BLOCK_N
         n_hi = tl.minimum(n_lo + BLOCK_N, sk) - 1
@@ -199,8 +182,8 @@ def _dq_inner(dq, cdq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, h
     """Key tiles [lo, hi) step BLOCK_N against one query tile."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(k_ptrs, cols, sk, dmask, MASK, EVEN_D)                       # (BN, D)
-        v = _load_rows(v_ptrs, cols, sk, dmask, MASK, EVEN_D)
+        k = load_rows(k_ptrs, cols, sk, dmask, MASK, EVEN_D)                       # (BN, D)
+        v = load_rows(v_ptrs, cols, sk, dmask, MASK, EVEN_D)
         s, mult, t = scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)               # (BM, BN)
         p = tl.math.exp2(s * mult - lse2[:, None])
         if MASK:
@@ -239,10 +222,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
     else:
         doc, t, n_t = tile_lookup(PREFIX, ORDER, slot, B)
         tile_m = n_t - 1 - t
-        q0 = tl.load(CU_Q + doc)
-        sq = tl.load(CU_Q + doc + 1) - q0
-        k0 = tl.load(CU_K + doc)
-        sk = tl.load(CU_K + doc + 1) - k0
+        q0, sq, k0, sk = doc_bounds(CU_Q, CU_K, doc)
         diff = sk - sq
         m_lo = tile_m * BLOCK_M
         m_hi = tl.minimum(m_lo + BLOCK_M, sq) - 1

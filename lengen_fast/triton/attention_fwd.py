@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .attention_sched import (
-    block_d, candidate_configs, dot_precision, is_short, pick_config, tanh_f32, tile_lookup, tile_schedule,
-    visible_range,
+    block_d, candidate_configs, doc_bounds, dot_precision, is_short, load_rows, pick_config, tanh_f32, tile_lookup,
+    tile_schedule, visible_range,
 )
 
 LOG2E = 1.4426950408889634
@@ -60,15 +60,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, s
     dmask = offs_d[None, :] < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASK:
-            kmask = (cols < sk)[:, None]
-            if not EVEN_D:
-                kmask = kmask & dmask
-            k = tl.load(k_ptrs, mask=kmask, other=0.0)
-        elif EVEN_D:
-            k = tl.load(k_ptrs)
-        else:
-            k = tl.load(k_ptrs, mask=dmask, other=0.0)
+        k = load_rows(k_ptrs, cols, sk, dmask, MASK, EVEN_D)                        # (BN, D)
         s, mult, _ = scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)              # (BM, BN)
         if MASK:
             vis = visible(rows[:, None], cols[None, :], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
@@ -83,12 +75,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, s
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASK:
-            v = tl.load(v_ptrs, mask=kmask, other=0.0)
-        elif EVEN_D:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=dmask, other=0.0)
+        v = load_rows(v_ptrs, cols, sk, dmask, MASK, EVEN_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
         k_ptrs += step_k
@@ -122,10 +109,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
     else:
         doc, t, n_t = tile_lookup(PREFIX, ORDER, slot, B)
         tile_m = n_t - 1 - t              # last (heaviest under a causal mask) tile first
-        q0 = tl.load(CU_Q + doc)
-        sq = tl.load(CU_Q + doc + 1) - q0
-        k0 = tl.load(CU_K + doc)
-        sk = tl.load(CU_K + doc + 1) - k0
+        q0, sq, k0, sk = doc_bounds(CU_Q, CU_K, doc)
         diff = sk - sq
         m_lo = tile_m * BLOCK_M
         m_hi = tl.minimum(m_lo + BLOCK_M, sq) - 1
@@ -154,23 +138,22 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
-                                   k_base + start.to(tl.int64) * skt + k_off, v_base + start.to(tl.int64) * svt + v_off,
-                                   step_k, step_v, start, full_lo, rows, sk, diff, win_left, win_right,
-                                   qk_scale2, cap2, offs_n, offs_d, HEAD_DIM, BLOCK_N, True,
-                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
-                                   k_base + full_lo.to(tl.int64) * skt + k_off,
-                                   v_base + full_lo.to(tl.int64) * svt + v_off,
-                                   step_k, step_v, full_lo, full_hi, rows, sk, diff, win_left, win_right,
-                                   qk_scale2, cap2, offs_n, offs_d, HEAD_DIM, BLOCK_N, False,
-                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q,
-                                   k_base + full_hi.to(tl.int64) * skt + k_off,
-                                   v_base + full_hi.to(tl.int64) * svt + v_off,
-                                   step_k, step_v, full_hi, hi, rows, sk, diff, win_left, win_right,
-                                   qk_scale2, cap2, offs_n, offs_d, HEAD_DIM, BLOCK_N, True,
-                                   HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
+        # masked [start, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi)
+        for phase in tl.static_range(3):
+            if phase == 0:
+                p_lo = start
+                p_hi = full_lo
+            elif phase == 1:
+                p_lo = full_lo
+                p_hi = full_hi
+            else:
+                p_lo = full_hi
+                p_hi = hi
+            p64 = p_lo.to(tl.int64)
+            acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base + p64 * skt + k_off, v_base + p64 * svt + v_off,
+                                       step_k, step_v, p_lo, p_hi, rows, sk, diff, win_left, win_right,
+                                       qk_scale2, cap2, offs_n, offs_d, HEAD_DIM, BLOCK_N, phase != 1,
+                                       HAS_LEFT, HAS_RIGHT, SOFTCAP, EVEN_D, DOT_PREC)
 
         empty = l_i == 0.0                # no visible key: out 0, lse +inf
         l_safe = tl.where(empty, 1.0, l_i)

@@ -97,6 +97,29 @@ def tile_lookup(PREFIX, ORDER, slot, B):
 
 
 @triton.jit
+def load_rows(ptrs, rows, n, dmask, MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile: rows >= n read as 0 when MASK (edge tiles), head-dim padding when not EVEN_D."""
+    if MASK:
+        m = (rows < n)[:, None]
+        if not EVEN_D:
+            m = m & dmask
+        x = tl.load(ptrs, mask=m, other=0.0)
+    elif EVEN_D:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=dmask, other=0.0)
+    return x
+
+
+@triton.jit
+def doc_bounds(CU_Q, CU_K, doc):
+    """(q0, sq, k0, sk): first token and length of document ``doc`` on the query and key sides."""
+    q0 = tl.load(CU_Q + doc)
+    k0 = tl.load(CU_K + doc)
+    return q0, tl.load(CU_Q + doc + 1) - q0, k0, tl.load(CU_K + doc + 1) - k0
+
+
+@triton.jit
 def visible_range(lo_row, hi_row, n, diff, win_left, win_right, BLOCK: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Columns in [0, n) that rows lo_row..hi_row (inclusive) see, as BLOCK-aligned loop bounds
