@@ -16,8 +16,8 @@ import triton.language as tl
 
 from .attention_fwd import mask_flags, score_params, scores, visible
 from .attention_sched import (
-    block_d, candidate_configs, doc_bounds, dot_acc, dot_precision, is_short, load_rows, pick_config, tanh_f32,
-    tile_lookup, tile_schedule, visible_range,
+    block_d, candidate_configs, doc_bounds, dot_acc, dot_precision, is_short, load_rows, phase_range, pick_config,
+    tanh_f32, tile_lookup, tile_schedule, visible_range,
 )
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -85,15 +85,7 @@ def _dkdv_head(dk, dv, cdk, cdv, k, v, Q, DO, LSE, DELTA, h, q0, sqt, sqh, sdt, 
     l_base = LSE + h * slh + (q0 + offs_m).to(tl.int64) * slt
     x_base = DELTA + h * sxh + (q0 + offs_m).to(tl.int64)
     for phase in tl.static_range(3):
-        if phase == 0:
-            p_lo = start
-            p_hi = full_lo
-        elif phase == 1:
-            p_lo = full_lo
-            p_hi = full_hi
-        else:
-            p_lo = full_hi
-            p_hi = hi
+        p_lo, p_hi = phase_range(phase, start, full_lo, full_hi, hi)
         p64 = p_lo.to(tl.int64)
         dk, dv, cdk, cdv = _dkdv_inner(
             dk, dv, cdk, cdv, k, v, q_base + p64 * sqt, do_base + p64 * sdt, l_base + p64 * slt, x_base + p64,
@@ -246,15 +238,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         cdq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)         # Kahan compensation (fp32 inputs only)
         for phase in tl.static_range(3):
-            if phase == 0:
-                p_lo = start
-                p_hi = full_lo
-            elif phase == 1:
-                p_lo = full_lo
-                p_hi = full_hi
-            else:
-                p_lo = full_hi
-                p_hi = hi
+            p_lo, p_hi = phase_range(phase, start, full_lo, full_hi, hi)
             p64 = p_lo.to(tl.int64)
             dq, cdq = _dq_inner(dq, cdq, q, do, lse2, delta, k_base + p64 * skt, v_base + p64 * svt,
                            BLOCK_N * skt, BLOCK_N * svt, p_lo, p_hi, rows, sk, diff, win_left, win_right,

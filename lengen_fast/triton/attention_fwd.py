@@ -14,8 +14,8 @@ import triton
 import triton.language as tl
 
 from .attention_sched import (
-    block_d, candidate_configs, doc_bounds, dot_precision, is_short, load_rows, pick_config, tanh_f32, tile_lookup,
-    tile_schedule, visible_range,
+    block_d, candidate_configs, doc_bounds, dot_precision, is_short, load_rows, phase_range, pick_config, tanh_f32,
+    tile_lookup, tile_schedule, visible_range,
 )
 
 LOG2E = 1.4426950408889634
@@ -140,15 +140,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         # masked [start, full_lo), unmasked [full_lo, full_hi), masked [full_hi, hi)
         for phase in tl.static_range(3):
-            if phase == 0:
-                p_lo = start
-                p_hi = full_lo
-            elif phase == 1:
-                p_lo = full_lo
-                p_hi = full_hi
-            else:
-                p_lo = full_hi
-                p_hi = hi
+            p_lo, p_hi = phase_range(phase, start, full_lo, full_hi, hi)
             p64 = p_lo.to(tl.int64)
             acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base + p64 * skt + k_off, v_base + p64 * svt + v_off,
                                        step_k, step_v, p_lo, p_hi, rows, sk, diff, win_left, win_right,

@@ -144,6 +144,17 @@ def visible_range(lo_row, hi_row, n, diff, win_left, win_right, BLOCK: tl.conste
 
 
 @triton.jit
+def phase_range(phase: tl.constexpr, start, full_lo, full_hi, hi):
+    """Loop bounds of phase 0 (masked [start, full_lo)), 1 (unmasked [full_lo, full_hi)) or 2 (masked [full_hi, hi))."""
+    if phase == 0:
+        return start, full_lo
+    elif phase == 1:
+        return full_lo, full_hi
+    else:
+        return full_hi, hi
+
+
+@triton.jit
 def tanh_f32(x):
     # exp-based so that it runs in the interpreter as on GPU; saturates to +-1 without NaN
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
