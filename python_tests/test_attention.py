@@ -21,7 +21,7 @@ import lengen_fast
 from lengen_fast import attention, backends, varlen_attention
 from lengen_fast.reference import varlen_attention_ref
 
-from attn_check import ATOL, assert_within_rule
+from helpers.attention_rule import ATOL, assert_within_rule
 
 FP32_ULP = 2.0 ** -23
 HAS_TRITON = "triton" in attention._supported() and backends.available("attention", "triton", torch.device("cpu"))

@@ -20,8 +20,8 @@ from lengen_fast.triton.attention_bwd import attention_bwd_triton
 from lengen_fast.triton.attention_fwd import attention_fwd_triton
 from lengen_fast.triton.attention_sched import KernelConfig, schedule_torch, tile_schedule
 
-from attn_check import ATOL, assert_within_rule
-from compile_check import compile_for_sm90
+from helpers.attention_rule import ATOL, assert_within_rule
+from helpers.compile import compile_for_sm90
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -16,7 +16,8 @@ from lengen_fast import backends
 from lengen_fast.reference import apply_rope_ref, positions_from_cu_seqlens
 from lengen_fast.rope import RopeScaling, apply_rope, rope_frequencies
 
-from compile_check import compile_for_sm90
+from helpers.tolerance import assert_rule
+from helpers.compile import compile_for_sm90
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig  # noqa: E402
@@ -188,9 +189,7 @@ def check_against_truth(out, q, k, positions, inv, af, interleaved):
         assert got.dtype == q.dtype and got.shape == want.shape
         if got.numel() == 0:
             continue
-        err = (got.double() - want).abs().max().item()
-        bound = 2 * (base.double() - want).abs().max().item() + ATOL[q.dtype]
-        assert err <= bound, f"kernel error {err:.3g} > bound {bound:.3g}"
+        assert_rule(got, want, base, ATOL[q.dtype], "rope")
 
 
 def dtypes_for(backend):

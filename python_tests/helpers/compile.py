@@ -15,7 +15,7 @@ def compile_for_sm90(script: str, timeout: int = 600) -> None:
     if "nvidia" not in getattr(triton.backends, "backends", {}):
         pytest.skip("triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -1,0 +1,1 @@
+"""Shared test harness: flash-attn's tolerance rule, op cases and inputs, sm_90 compile checks."""
