@@ -6,7 +6,7 @@ Public API:
   RopeScaling, rope_frequencies, apply_rope, RotaryEmbedding
                               fused RoPE with context-extension scaling, positions from cu_seqlens
   lengen_fast.data            Arrow/Parquet token sources, audit, decomposition, packing, curricula, loader
-  lengen_fast.reference       the pure-torch spec of every op
+  lengen_fast.reference       the pure-torch spec of attention and RoPE; its docstring says where each op's spec is
 """
 from . import backends, reference  # noqa: F401
 from .attention import flash_attn_varlen_func, varlen_attention  # noqa: F401

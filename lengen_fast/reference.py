@@ -1,4 +1,4 @@
-"""Pure-torch references: THE SPEC for every op.
+"""Pure-torch references: what does each kernel compute? THE SPEC of the attention and RoPE kernels.
 
 Every backend is tested against these functions, and the benchmarks use them as the eager
 baseline. They favour clarity over speed. ``upcast=True`` (default) computes in fp32 (or the
@@ -6,6 +6,18 @@ dtype given by ``compute_dtype``); ``upcast=False`` computes in the inputs' dtyp
 the "eager torch in the same dtype" error baseline of flash-attn's tolerance rule:
 
     max|kernel - ref_fp32| <= 2 * max|eager_same_dtype - ref_fp32| + atol
+
+Where each op's spec lives (the torch kernels' specs are here; the data ops' specs are numpy or
+plain Python and stay beside their op, which the data tests and bench/bench_data.py import):
+  varlen attention       varlen_attention_ref (here)
+  RoPE rotation          apply_rope_ref, rope_cos_sin_ref (here)
+  RoPE frequencies       rope_frequencies in lengen_fast/rope/scaling.py (inv_freq and attention
+                         factor of every scaling kind; apply_rope_ref takes its output)
+  data: decomposition    decompose_ref in lengen_fast/data/decompose.py (per-document loop)
+  data: BFD packing      pack_bfd_ref in lengen_fast/data/pack.py (linear scan over open bins)
+  data: batch gather     gather_ref in lengen_fast/data/source.py (numpy, of csrc/data/gather.cpp)
+  data: concat-chunk     concat_chunk (data/pack.py) and bucket_schedule (data/curriculum.py) have
+        and curricula    no native version: each is its own spec
 """
 from __future__ import annotations
 
