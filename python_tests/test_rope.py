@@ -413,7 +413,7 @@ COMPILE_FOR_SM90 = r"""
 import inspect, itertools, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lengen_fast.triton.rope import _rope_kernel
+from lengen_fast.rope.triton import _rope_kernel
 params = list(inspect.signature(_rope_kernel.fn).parameters)
 for dt, mode, inter, half in (("bf16", 2, True, 20),):
     types = {p: "*" + dt for p in ("Q", "K", "QO", "KO")} | {"INV": "*fp32", "POS": "*i32", "CU": "*i32", "af": "fp32"}
