@@ -5,7 +5,7 @@ initialisation for every kind in ``KINDS``); ``reference.apply_rope_ref`` is the
 ``RopeScaling.from_hf`` reads one ``rope_scaling`` / ``rope_parameters`` dict, and ``rope_config_from_hf``
 reads a whole transformers config into (base, scaling, rotary_dim, head_dim): the one reader that both
 ``RotaryEmbedding.from_hf_config`` and ``integrations.hf.patch_rope`` use.
-Adding a scaling kind touches this file only (plus its test): the kernels take inv_freq and a factor.
+A new scaling kind goes here (and into test_rope.py): the kernels see only inv_freq and the attention factor.
 """
 
 import math
