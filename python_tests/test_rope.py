@@ -5,6 +5,10 @@ truth is the fp64 rotation of the same fp32 frequencies and the eager baseline i
 cos/sin-cache computation in the inputs' dtype (reference.apply_rope_ref(upcast=False)).
 """
 import math
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,6 +173,96 @@ def test_from_hf_dialects():
     assert RopeScaling.from_hf(None).kind == RopeScaling.from_hf({"rope_type": "default"}).kind == "none"
     ds = RopeScaling.from_hf({"rope_type": "yarn", "original_max_position_embeddings": 4096}, 163840)
     assert ds.factor == 40.0  # transformers' implicit factor: max_position_embeddings / original
+
+
+# ----------------------------------------------------------------------------- one HF-config reader
+# RotaryEmbedding.from_hf_config and integrations.hf._rope_config (patch_rope) both go through
+# rope_config_from_hf; these are the cases where their two former readers disagreed.
+
+def _both_readers(config, layer_type=None):
+    """(base, rotary_dim, inv_freq, attention factor) from RotaryEmbedding.from_hf_config, and (base, inv_freq,
+    attention factor) from hf._rope_config at that rotary_dim (patch_rope takes it from the model's buffer)."""
+    from lengen_fast.integrations.hf import rope_patch as hf
+    rope = lf.RotaryEmbedding.from_hf_config(config, layer_type=layer_type)
+    inv, af = rope_frequencies(rope.head_dim, rope.base, rope.scaling, rotary_dim=rope.rotary_dim)
+    hf_base, hf_scaling = hf._rope_config(config)
+    hf_inv, hf_af = rope_frequencies(rope.head_dim, hf_base, hf_scaling, rotary_dim=rope.rotary_dim)
+    return (rope.base, rope.rotary_dim, inv, af), (hf_base, hf_inv, hf_af)
+
+
+def _ns(**kw):
+    """A config object as a transformers config looks to the readers: plain attributes."""
+    from types import SimpleNamespace
+    return SimpleNamespace(hidden_size=64, num_attention_heads=2, max_position_embeddings=4096, **kw)
+
+
+def test_hf_reader_rope_theta_precedence():
+    # the dict's rope_theta wins over the config attribute (from_hf_config used to report base=500 while
+    # rotating with 1000)
+    ours, theirs = _both_readers(_ns(rope_theta=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0,
+                                                                     "rope_theta": 1000.0}))
+    assert ours[0] == theirs[0] == 1000.0
+    want = rope_frequencies(32, 1000.0, RopeScaling("linear", 2.0))[0]
+    torch.testing.assert_close(ours[2], want, rtol=0, atol=0)
+    torch.testing.assert_close(theirs[1], want, rtol=0, atol=0)
+    # v4: rope_theta only on the config
+    ours, theirs = _both_readers(_ns(rope_theta=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert ours[0] == theirs[0] == 500.0
+    # neither says (a config attribute set to None): the default 10000 (_rope_config used to fail on float(None))
+    ours, theirs = _both_readers(_ns(rope_theta=None, rope_scaling=None))
+    assert ours[0] == theirs[0] == 10000.0
+    torch.testing.assert_close(theirs[1], rope_frequencies(32, 10000.0)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["config", "dict", "both"])
+def test_hf_reader_partial_rotary_factor(where):
+    """partial_rotary_factor on the config (v4) or in the dict (v5), for plain RoPE too (_rope_config used to
+    drop it unless the RoPE was scaled, and ignored the config attribute); the dict wins, as in transformers."""
+    params = {"rope_type": "default"} if where == "config" else {"rope_type": "default", "partial_rotary_factor": 0.25}
+    attr = {"partial_rotary_factor": 0.5} if where != "dict" else {}
+    config = _ns(rope_theta=10000.0, rope_parameters=params, **attr)
+    c = lf.rope.rope_config_from_hf(config)
+    want_dim = 16 if where == "config" else 8
+    assert (c.head_dim, c.rotary_dim) == (32, want_dim)
+    ours, theirs = _both_readers(config)
+    assert ours[1] == want_dim
+    torch.testing.assert_close(ours[2], rope_frequencies(want_dim, 10000.0)[0], rtol=0, atol=0)
+    torch.testing.assert_close(theirs[1], ours[2], rtol=0, atol=0)
+    # against transformers' own reading of a real config
+    config = hf_config({"rope_type": "linear", "factor": 2.0}, partial=0.5)
+    want, _ = ROPE_INIT_FUNCTIONS["linear"](config, None)
+    rope = lf.RotaryEmbedding.from_hf_config(config)
+    assert rope.rotary_dim == 16
+    torch.testing.assert_close(rope_frequencies(32, rope.base, rope.scaling, rotary_dim=16)[0], want, rtol=2e-7, atol=0)
+
+
+def test_hf_reader_per_layer_type():
+    """v5 rope_parameters keyed by layer type (Gemma-3): both readers used to reject it; now layer_type picks one
+    set, matching transformers' per-layer-type buffers, and without it the error names the layer types."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    from lengen_fast.integrations.hf import rope_patch as hf
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                              layer_types=["sliding_attention", "full_attention"], rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                  "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    theirs = Gemma3RotaryEmbedding(config)
+    for layer_type, base in (("full_attention", 1e6), ("sliding_attention", 1e4)):
+        rope = lf.RotaryEmbedding.from_hf_config(config, layer_type=layer_type)
+        assert rope.base == base and rope.rotary_dim == 32
+        inv, af = rope_frequencies(32, rope.base, rope.scaling)
+        torch.testing.assert_close(inv, getattr(theirs, f"{layer_type}_inv_freq"), rtol=2e-7, atol=0)
+        assert af == pytest.approx(getattr(theirs, f"{layer_type}_attention_scaling"))
+    for fn in (lambda: lf.RotaryEmbedding.from_hf_config(config), lambda: hf._rope_config(config)):
+        with pytest.raises(ValueError, match=r"per layer type \(\['full_attention', 'sliding_attention'\]\); pass"):
+            fn()
+    with pytest.raises(ValueError, match="layer_type='global' is not one of"):
+        lf.RotaryEmbedding.from_hf_config(config, layer_type="global")
+    # a single dict serves every layer type
+    flat = hf_config({"rope_type": "linear", "factor": 2.0})
+    assert lf.rope.rope_config_from_hf(flat, "full_attention") == lf.rope.rope_config_from_hf(flat)
 
 
 # ----------------------------------------------------------------------------- kernels vs the reference
@@ -374,14 +468,8 @@ def test_inplace_gradients_on_non_leaf(backend):
     torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=1e-6)
 
 
-def test_torch_compile_fullgraph():
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
-    s = RopeScaling("yarn", 4.0, 16)
-
-    def f(q, k):
-        qo, ko = apply_rope(q, k, cu_seqlens=cu, scaling=s)
-        return qo.sum() + ko.square().sum()
-
+def _assert_compiles_fullgraph_like_eager(f):
+    """f(q, k) -> scalar under torch.compile(fullgraph=True) matches eager, value and gradients."""
     q, k = rand_qk(8, 2, 1, 16, torch.float32)
     qc, kc = q.clone().requires_grad_(), k.clone().requires_grad_()
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(qc, kc)  # tracing is the point; skip codegen
@@ -393,29 +481,33 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close((qc.grad, kc.grad), (qe.grad, ke.grad))
 
 
+def test_torch_compile_fullgraph():
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    s = RopeScaling("yarn", 4.0, 16)
+
+    def f(q, k):
+        qo, ko = apply_rope(q, k, cu_seqlens=cu, scaling=s)
+        return qo.sum() + ko.square().sum()
+
+    _assert_compiles_fullgraph_like_eager(f)
+
+
 def test_torch_compile_fullgraph_inplace():
     def f(q, k):
         qo, ko = apply_rope(q * 1, k * 1, inplace=True, interleaved=True)  # in place on non-leaf tensors
         return qo.sum() + ko.square().sum()
 
-    q, k = rand_qk(8, 2, 1, 16, torch.float32)
-    qc, kc = q.clone().requires_grad_(), k.clone().requires_grad_()
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(qc, kc)
-    got.backward()
-    qe, ke = q.clone().requires_grad_(), k.clone().requires_grad_()
-    want = f(qe, ke)
-    want.backward()
-    torch.testing.assert_close(got, want)
-    torch.testing.assert_close((qc.grad, kc.grad), (qe.grad, ke.grad))
+    _assert_compiles_fullgraph_like_eager(f)
 
 
 COMPILE_FOR_SM90 = r"""
 import inspect, itertools, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lengen_fast.triton.rope import _rope_kernel
+from lengen_fast.rope.op import PosMode
+from lengen_fast.rope.triton import _rope_kernel
 params = list(inspect.signature(_rope_kernel.fn).parameters)
-for dt, mode, inter, half in (("bf16", 2, True, 20),):
+for dt, mode, inter, half in (("bf16", int(PosMode.CU_SEQLENS), True, 20),):
     types = {p: "*" + dt for p in ("Q", "K", "QO", "KO")} | {"INV": "*fp32", "POS": "*i32", "CU": "*i32", "af": "fp32"}
     const = dict(HALF=half, BLOCK_T=16, BLOCK_H=4, BLOCK_HALF=triton.next_power_of_2(half), BLOCK_TAIL=16,
                  POS_MODE=mode, INTERLEAVED=inter, COPY_Q_TAIL=half < 64, COPY_K_TAIL=half < 64)
@@ -430,6 +522,26 @@ print("compiled")
 def test_triton_kernel_compiles_for_sm90():
     """The interpreter does not lower the kernel; compile it for an H100 (no GPU needed) to catch lowering errors."""
     compile_for_sm90(COMPILE_FOR_SM90)
+
+
+def test_cuda_kernel_emulated_on_cpu_matches_cpu_kernel():
+    """csrc/rope/rope.cu run on the CPU by csrc/rope/emu/check.sh (a block's threads as std::threads, a barrier
+    for __syncthreads) against the C++ CPU kernel: every dtype, layout and position mode, in place, backward."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not backends.available("rope", "cpu", CPU):
+        pytest.skip("needs the built lengen_fast._C (bash scripts/dev_build.sh)")
+    pytest.importorskip("pybind11", reason="check.sh builds the emulation with pybind11")
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("check.sh needs g++ >= 11 (C++20 <barrier>); no g++ on PATH")
+    probe = subprocess.run([gxx, "-std=c++20", "-fsyntax-only", "-x", "c++", "-"], input="#include <barrier>\n",
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"check.sh needs g++ >= 11 (C++20 <barrier>): {probe.stderr.strip()[:200]}")
+    env = dict(os.environ, PYTHON=sys.executable)
+    res = subprocess.run(["bash", os.path.join(root, "csrc", "rope", "emu", "check.sh")], env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0 and res.stdout.startswith("ok "), (res.stdout[-2000:], res.stderr[-3000:])
 
 
 # ----------------------------------------------------------------------------- bad input

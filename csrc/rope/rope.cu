@@ -3,7 +3,8 @@
 // Shapes (element strides passed explicitly, any layout):
 //   q (B, S, Hq, D), k (B, S, Hk, D) and their outputs (may alias the inputs: in place);
 //   inv_freq (R/2,) fp32 (negated for the backward / inverse rotation);
-//   positions: mode 0 arange over S, 1 pos[b * psb + s * pss] int32, 2 cu_seqlens (n_seq + 1,) int32 (B == 1).
+//   positions by rope::PosMode (rope_args.h): arange over S, pos[b * psb + s * pss] int32, or cu_seqlens
+//   (n_seq + 1,) int32 (B == 1).
 // Grid: one block per TOK tokens (work split by token, never max_seqlen x num_seqs). Each block finds
 // its tokens' documents by binary search, computes TOK x R/2 sin/cos once into shared memory, then
 // rotates every head of q and k with VEC pairs per thread (16-byte accesses when the layout allows).
@@ -15,8 +16,8 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "rope/rope_args.h"
 #include "rope/rope_math.h"
-#include "rope/rope_strides.h"
 
 namespace lf {
 namespace {
@@ -34,23 +35,8 @@ struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Pack {
   T v[N];
 };
 
-struct Params {
-  const void* q;
-  const void* k;
-  void* qo;
-  void* ko;
-  int64_t B, S, Hq, Hk, D, half;
-  Strides4 qs, qos, ks, kos;
-  const float* inv_freq;
-  int pos_mode;
-  const int32_t* pos;
-  int64_t psb, pss;
-  const int32_t* cu;
-  int64_t n_seq, offset;
-  float af;
-  int tok;  // tokens per block
-  bool copy_q_tail, copy_k_tail;
-};
+using rope::Args;
+using rope::Strides4;
 
 // Rotate VEC pairs starting at pair i0 of one head: x -> y; c, s: cos and sin of pairs i0.. (shared memory).
 template <typename T, int VEC, bool INTERLEAVED>
@@ -99,22 +85,22 @@ __device__ __forceinline__ void rotate(const T* x, T* y, int64_t sd, int64_t sdo
   }
 }
 
+// tok: tokens per block
 template <typename T, int VEC, bool INTERLEAVED>
-__global__ void rope_kernel(const Params p) {
+__global__ void rope_kernel(const Args p, const int tok) {
   extern __shared__ int64_t smem[];
-  const int tok = p.tok;
   int64_t* soff = smem;                                    // (tok, 4) token offsets of q, q_out, k, k_out
   float* spos = reinterpret_cast<float*>(soff + 4 * tok);  // (tok,) positions
   float* cs = spos + tok;                                  // (tok, half) cos
-  float* sn = cs + tok * p.half;                           // (tok, half) sin
+  const int half = static_cast<int>(p.R / 2);
+  float* sn = cs + tok * half;                             // (tok, half) sin
   const int64_t n_tok = p.B * p.S;
   const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tok;
   const int ntok_blk = static_cast<int>(min(static_cast<int64_t>(tok), n_tok - t0));
-  const int half = static_cast<int>(p.half);
 
   for (int j = threadIdx.x; j < ntok_blk; j += blockDim.x) {
     const int64_t t = t0 + j, b = t / p.S, s = t - b * p.S;
-    spos[j] = static_cast<float>(rope::position(p.pos_mode, b, s, p.pos, p.psb, p.pss, p.cu, p.n_seq, p.offset));
+    spos[j] = static_cast<float>(rope::position(p, b, s));
     soff[4 * j + 0] = b * p.qs.b + s * p.qs.s;
     soff[4 * j + 1] = b * p.qos.b + s * p.qos.s;
     soff[4 * j + 2] = b * p.ks.b + s * p.ks.s;
@@ -170,66 +156,44 @@ bool aligned(const void* ptr, const Strides4& st, int64_t elems, int64_t elem_si
 }
 
 template <typename T, bool INTERLEAVED>
-void launch_typed(Params p, cudaStream_t stream) {
+void launch_typed(const Args& p, cudaStream_t stream) {
   constexpr int VMAX = (INTERLEAVED ? 8 : 16) / static_cast<int>(sizeof(T));  // pairs per 16-byte access
   const int64_t load = INTERLEAVED ? 2 * VMAX : VMAX;                          // elements per access
-  const bool vec = p.half % VMAX == 0 && aligned(p.q, p.qs, load, sizeof(T)) && aligned(p.qo, p.qos, load, sizeof(T)) &&
+  const int64_t half = p.R / 2;
+  const bool vec = half % VMAX == 0 && aligned(p.q, p.qs, load, sizeof(T)) && aligned(p.qo, p.qos, load, sizeof(T)) &&
                    aligned(p.k, p.ks, load, sizeof(T)) && aligned(p.ko, p.kos, load, sizeof(T));
   const int threads = 256;
-  const int64_t per_tok = (p.Hq + p.Hk) * (vec ? p.half / VMAX : p.half);
+  const int64_t per_tok = (p.Hq + p.Hk) * (vec ? half / VMAX : half);
   int64_t tok = (threads * 4 + per_tok - 1) / per_tok;
   tok = tok < 1 ? 1 : (tok > 64 ? 64 : tok);
-  while (tok > 1 && (9 + 2 * p.half) * tok * 4 > 48 * 1024) tok /= 2;
-  p.tok = static_cast<int>(tok);
+  while (tok > 1 && (9 + 2 * half) * tok * 4 > 48 * 1024) tok /= 2;
   const int64_t n_tok = p.B * p.S;
   const unsigned blocks = static_cast<unsigned>((n_tok + tok - 1) / tok);
-  const size_t smem = static_cast<size_t>(tok * (9 + 2 * p.half)) * sizeof(float);  // offsets, pos, cos, sin
-  if (vec) rope_kernel<T, VMAX, INTERLEAVED><<<blocks, threads, smem, stream>>>(p);
-  else rope_kernel<T, 1, INTERLEAVED><<<blocks, threads, smem, stream>>>(p);
+  const size_t smem = static_cast<size_t>(tok * (9 + 2 * half)) * sizeof(float);  // offsets, pos, cos, sin
+  if (vec) rope_kernel<T, VMAX, INTERLEAVED><<<blocks, threads, smem, stream>>>(p, static_cast<int>(tok));
+  else rope_kernel<T, 1, INTERLEAVED><<<blocks, threads, smem, stream>>>(p, static_cast<int>(tok));
   const cudaError_t err = cudaGetLastError();
   LF_CHECK(err == cudaSuccess, "rope: CUDA launch failed: " << cudaGetErrorString(err));
 }
 
 template <typename T>
-void launch(const Params& p, bool interleaved, cudaStream_t stream) {
-  if (interleaved) launch_typed<T, true>(p, stream);
+void launch(const Args& p, cudaStream_t stream) {
+  if (p.interleaved) launch_typed<T, true>(p, stream);
   else launch_typed<T, false>(p, stream);
 }
 
 }  // namespace
 
-void rope_apply_cuda(uintptr_t q, uintptr_t k, uintptr_t qo, uintptr_t ko, int dtype, int64_t B, int64_t S,
-                     int64_t Hq, int64_t Hk, int64_t D, int64_t R, const std::vector<int64_t>& q_strides,
-                     const std::vector<int64_t>& qo_strides, const std::vector<int64_t>& k_strides,
-                     const std::vector<int64_t>& ko_strides, uintptr_t inv_freq, int pos_mode, uintptr_t pos,
-                     int64_t pos_stride_b, int64_t pos_stride_s, uintptr_t cu_seqlens, int64_t n_seq,
-                     int64_t offset, double attention_factor, bool interleaved, uintptr_t stream) {
-  LF_CHECK(Hq + Hk > 0 && (B * S) * (Hq + Hk) * (R / 2) < (int64_t(1) << 40), "rope: shape too large");
-  LF_CHECK(R > 0 && R % 2 == 0 && R <= D, "rope: rotary_dim=" << R << " must be even and <= head_dim=" << D);
-  LF_CHECK(pos_mode >= 0 && pos_mode <= 2, "rope: pos_mode=" << pos_mode << " must be 0, 1 or 2");
-  LF_CHECK(pos_mode != 2 || (B == 1 && n_seq >= 1 && cu_seqlens != 0), "rope: cu_seqlens needs B == 1, n_seq >= 1");
-  LF_CHECK(pos_mode != 1 || pos != 0, "rope: position_ids pointer is null");
-  Params p{};
-  p.q = as_ptr<const void>(q);
-  p.k = as_ptr<const void>(k);
-  p.qo = as_ptr<void>(qo);
-  p.ko = as_ptr<void>(ko);
-  p.B = B; p.S = S; p.Hq = Hq; p.Hk = Hk; p.D = D; p.half = R / 2;
-  p.qs = strides4(q_strides, "q"); p.qos = strides4(qo_strides, "q_out");
-  p.ks = strides4(k_strides, "k"); p.kos = strides4(ko_strides, "k_out");
-  p.inv_freq = as_ptr<const float>(inv_freq);
-  p.pos_mode = pos_mode; p.pos = as_ptr<const int32_t>(pos); p.psb = pos_stride_b; p.pss = pos_stride_s;
-  p.cu = as_ptr<const int32_t>(cu_seqlens); p.n_seq = n_seq; p.offset = offset;
-  p.af = static_cast<float>(attention_factor);
-  p.copy_q_tail = q != qo && R < D;
-  p.copy_k_tail = k != ko && R < D;
-  if (B * S == 0) return;
+void rope::rope_apply_cuda(const Args& a, uintptr_t stream) {
+  LF_CHECK(a.Hq + a.Hk > 0 && (a.B * a.S) * (a.Hq + a.Hk) * (a.R / 2) < (int64_t(1) << 40), "rope: shape too large");
+  if (a.B * a.S == 0) return;
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: launch<float>(p, interleaved, st); break;
-    case kFloat16: launch<__half>(p, interleaved, st); break;
-    case kBFloat16: launch<__nv_bfloat16>(p, interleaved, st); break;
-    default: LF_CHECK(false, "rope: the cuda backend supports float32, float16 and bfloat16, got dtype code " << dtype);
+  switch (a.dtype) {
+    case kFloat32: launch<float>(a, st); break;
+    case kFloat16: launch<__half>(a, st); break;
+    case kBFloat16: launch<__nv_bfloat16>(a, st); break;
+    default:
+      LF_CHECK(false, "rope: the cuda backend supports float32, float16 and bfloat16, got dtype code " << a.dtype);
   }
 }
 

@@ -1,9 +1,11 @@
-// Shared by the CPU and CUDA rope kernels: fp32 sincos of position * inv_freq without a cache,
-// accurate for angles up to 6.5e6 rad, and the document search over cu_seqlens.
+// How do the CPU and CUDA rope kernels find a token's position and its angles? The document search over
+// cu_seqlens, and fp32 sincos of position * inv_freq without a cache, accurate for angles up to 6.5e6 rad.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "rope/rope_args.h"
 
 #if defined(__CUDACC__)
 #define LF_HD __host__ __device__ __forceinline__
@@ -61,14 +63,13 @@ LF_HD int64_t find_doc(const int32_t* cu, int64_t n_seq, int64_t t) {
   return lo;
 }
 
-// Position of token (b, s) for the three position modes (0 arange, 1 position_ids, 2 cu_seqlens).
-LF_HD int64_t position(int mode, int64_t b, int64_t s, const int32_t* pos, int64_t psb, int64_t pss,
-                       const int32_t* cu, int64_t n_seq, int64_t offset) {
+// Position of token (b, s) of a call, by its position mode.
+LF_HD int64_t position(const Args& a, int64_t b, int64_t s) {
   int64_t p;
-  if (mode == 2) p = s - cu[find_doc(cu, n_seq, s)];
-  else if (mode == 1) p = pos[b * psb + s * pss];
+  if (a.pos_mode == PosMode::kCuSeqlens) p = s - a.cu[find_doc(a.cu, a.n_seq, s)];
+  else if (a.pos_mode == PosMode::kPositionIds) p = a.pos[b * a.psb + s * a.pss];
   else p = s;
-  return p + offset;
+  return p + a.offset;
 }
 
 }  // namespace rope

@@ -10,14 +10,14 @@ import torch
 
 import lengen_fast as lf
 from lengen_fast import backends
-from lengen_fast import rope as R
+from lengen_fast.rope import op as R
 
 
 def emu_impl(*args):
-    rope_emu.rope_apply_cuda(*R._ext_args(*args), 0)  # stream handle unused by the emulation
+    rope_emu.rope_apply_cuda(*R.ext_args(*args), 0)  # stream handle unused by the emulation
 
 
-R._IMPLS["cuda"] = emu_impl
+R.IMPLS["cuda"] = emu_impl
 backends.available = lambda op, b, d: True
 torch.manual_seed(0)
 n = 0

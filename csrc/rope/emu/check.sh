@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 PY=${PYTHON:-python}
 out=$(mktemp -d)
-sed -e 's/\(rope_kernel<[^>]*>\)<<<blocks, threads, smem, stream>>>(p)/emu_launch(\1, blocks, threads, smem, p)/' \
+sed -e 's/\(rope_kernel<[^>]*>\)<<<blocks, threads, smem, stream>>>(\(.*\));/emu_launch(\1, blocks, threads, smem, \2);/' \
     -e 's/extern __shared__ int64_t smem\[\];/int64_t* smem = emu_smem;/' csrc/rope/rope.cu > "$out/rope_emu.cpp"
 { cat csrc/rope/rope_cuda_bind.cpp; echo 'PYBIND11_MODULE(rope_emu, m) { register_rope_cuda(m); }'; } > "$out/bind.cpp"
 g++ -O1 -std=c++20 -shared -fPIC -pthread -Icsrc/rope/emu -Icsrc $($PY -m pybind11 --includes) \

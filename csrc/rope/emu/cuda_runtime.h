@@ -22,8 +22,8 @@ typedef int cudaError_t;
 const int cudaSuccess = 0;
 inline cudaError_t cudaGetLastError() { return 0; }
 inline const char* cudaGetErrorString(cudaError_t) { return ""; }
-template <class F, class P>
-void emu_launch(F kernel, unsigned blocks, int threads, size_t smem, const P& p) {
+template <class F, class... P>
+void emu_launch(F kernel, unsigned blocks, int threads, size_t smem, const P&... p) {
   for (unsigned b = 0; b < blocks; ++b) {
     std::vector<int64_t> sm(smem / 8 + 1, 0x7ff8dead);
     std::barrier<> bar(threads);
@@ -31,7 +31,7 @@ void emu_launch(F kernel, unsigned blocks, int threads, size_t smem, const P& p)
     for (int t = 0; t < threads; ++t)
       ts.emplace_back([&, t] {
         threadIdx.x = t; blockIdx.x = b; blockDim.x = threads; emu_smem = sm.data(); emu_bar = &bar;
-        kernel(p);
+        kernel(p...);
       });
     for (auto& th : ts) th.join();
   }

@@ -10,7 +10,6 @@ A model we would rotate differently raises ValueError instead of being patched.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 
 import torch
 
@@ -57,18 +56,16 @@ def _wrap_apply(original):
 
 
 def _rope_config(config):
-    """(base, scaling) from a transformers config: v5 ``rope_parameters`` or v4 ``rope_theta``/``rope_scaling``."""
-    from ...rope import RopeScaling
+    """(base, scaling) from a transformers config, read by ``rope.rope_config_from_hf`` (the one reader).
 
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
-        raise ValueError(f"lengen_fast.patch_rope: per-layer-type RoPE parameters ({sorted(params)}) are not supported")
-    base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    scaling = None
-    if kind not in (None, "default"):
-        scaling = RopeScaling.from_hf(dict(params), getattr(config, "max_position_embeddings", None))
-    return base, scaling
+    The rotary dim is dropped from the scaling: patch_rope takes it from the model's inv_freq buffer.
+    """
+    import dataclasses
+
+    from ...rope import rope_config_from_hf
+
+    base, scaling, _, _ = rope_config_from_hf(config)
+    return base, dataclasses.replace(scaling, partial_rotary_factor=None)
 
 
 def patch_rope(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,8 +1,10 @@
-"""Triton RoPE kernel: q and k in one launch, fp32 angles in registers, positions from cu_seqlens.
+"""How does RoPE run on a GPU with Triton? The kernel (q and k in one launch, fp32 angles in registers,
+positions from cu_seqlens) and its launcher.
 
 Shapes (explicit element strides, any layout):
   q (B, S, Hq, D), k (B, S, Hk, D) and outputs (may alias: in place); inv_freq (R/2,) fp32;
-  positions: POS_MODE 0 arange over S, 1 pos (B or 1, S) int32, 2 cu_seqlens (n_seq + 1,) int32 with B == 1.
+  positions (POS_MODE, an op.PosMode passed as a constexpr): ARANGE over S, POSITION_IDS pos (B or 1, S) int32,
+  CU_SEQLENS (n_seq + 1,) int32 with B == 1.
 Grid: one program per BLOCK_T tokens (work split by token, never max_seqlen x num_seqs); each token
 finds its document by a vectorised binary search over cu_seqlens; cos/sin of BLOCK_T x R/2 angles are
 computed once and reused for every head of q and k.
@@ -13,6 +15,12 @@ import math
 
 import triton
 import triton.language as tl
+
+from .op import PosMode
+
+# PosMode as Triton constexprs (a jit function may read module globals only when they are constexpr)
+POS_POSITION_IDS: tl.constexpr = tl.constexpr(int(PosMode.POSITION_IDS))
+POS_CU_SEQLENS: tl.constexpr = tl.constexpr(int(PosMode.CU_SEQLENS))
 
 
 @triton.jit
@@ -75,7 +83,7 @@ def _rope_kernel(Q, K, QO, KO, INV, POS, CU, n_tok, S, n_seq, n_iter, Hq, Hk, D,
     tmask = t < n_tok
     b = (t // S).to(tl.int64)
     s = t % S
-    if POS_MODE == 2:
+    if POS_MODE == POS_CU_SEQLENS:
         # largest doc d in [0, n_seq) with cu[d] <= s (skips empty docs), same as reference.positions_from_cu_seqlens
         lo = tl.zeros([BLOCK_T], dtype=tl.int32)
         hi = lo + (n_seq - 1)
@@ -86,7 +94,7 @@ def _rope_kernel(Q, K, QO, KO, INV, POS, CU, n_tok, S, n_seq, n_iter, Hq, Hk, D,
             lo = tl.where(active & go, mid, lo)
             hi = tl.where(active & (~go), mid - 1, hi)
         p = s - tl.load(CU + lo, mask=tmask, other=0)
-    elif POS_MODE == 1:
+    elif POS_MODE == POS_POSITION_IDS:
         p = tl.load(POS + b * psb + s * pss, mask=tmask, other=0)
     else:
         p = s
@@ -127,7 +135,7 @@ def rope_triton(q, k, qo, ko, inv_freq, cu, pos, offset: int, af: float, interle
         pos.stride(1) if pos is not None else 0, offset, af,
         HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
         BLOCK_TAIL=triton.next_power_of_2(max(tail, 1)),
-        POS_MODE=2 if cu is not None else (1 if pos is not None else 0), INTERLEAVED=interleaved,
+        POS_MODE=int(PosMode.of(cu, pos)), INTERLEAVED=interleaved,
         COPY_Q_TAIL=tail > 0 and qo.data_ptr() != q.data_ptr(), COPY_K_TAIL=tail > 0 and ko.data_ptr() != k.data_ptr(),
         num_warps=4)
 
