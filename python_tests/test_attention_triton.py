@@ -78,7 +78,7 @@ def test_all_tail_tokens():
 
 
 def _bwd(c: Case, q, k, v, dout, cu_q, cu_k, out, lse, deterministic):
-    return triton_bwd_triton(dout, q, k, v, out, lse, cu_q, cu_k, None, None, c.causal, c.scale,
+    return attention_bwd_triton(dout, q, k, v, out, lse, cu_q, cu_k, None, None, c.causal, c.scale,
                                 c.window[0], c.window[1], c.softcap, deterministic)
 
 
