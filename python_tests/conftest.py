@@ -1,6 +1,10 @@
-"""Test setup: Triton kernels run in the interpreter on CPU-only machines.
+"""Test setup: Triton kernels run in the interpreter on CPU-only machines; hypothesis profiles.
 
 TRITON_INTERPRET must be set before triton is imported anywhere.
+Hypothesis profiles, chosen by $HYPOTHESIS_PROFILE (default "ci"):
+  ci   derandomized (the same examples on every run), modest max_examples, no deadline (shared 2-core machines);
+  dev  random examples, more of them, for hunting bugs locally.
+Tests that pass their own ``@settings(max_examples=...)`` keep that count; the profile supplies the rest.
 """
 import os
 
@@ -10,6 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

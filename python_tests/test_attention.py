@@ -1,16 +1,15 @@
 """lengen_fast.varlen_attention (public op, custom-op registration, C++ CPU backend) against the reference.
 
-Tolerance (flash-attn's rule), truth = the reference computed in fp64:
+Cases, inputs, the fp64/same-dtype references and flash-attn's tolerance rule come from helpers/attention_cases.py:
     max|backend - truth| <= 2 * max|eager_same_dtype - truth| + atol
-where eager_same_dtype is the reference run in the inputs' dtype (upcast=False). Checked for out, lse, dq, dk, dv.
-atol = ATOL[dtype] + 2 fp32 ulps of max|truth|: every backend accumulates in fp32, and the flash backward recomputes
-P = exp(s - lse) from the fp32 lse (|lse| ~ 5 carries ~0.5 ulp of relative error into every P of its row) and
-forms dS from the output O rather than eager's sum(P * dP). The C++ backward forms dP - delta as sum_d dO (V - O)
-(exact 0 where a row sees one key) and runs 16-bit inputs in fp32 on an fp32 recompute of O.
+checked for out, lse, dq, dk, dv. Here atol = ATOL[dtype] + 2 fp32 ulps of max|truth|: every backend accumulates in
+fp32, and the flash backward recomputes P = exp(s - lse) from the fp32 lse (|lse| ~ 5 carries ~0.5 ulp of relative
+error into every P of its row) and forms dS from the output O rather than eager's sum(P * dP). The C++ backward forms
+dP - delta as sum_d dO (V - O) (exact 0 where a row sees one key) and runs 16-bit inputs in fp32 on an fp32 recompute
+of O.
 """
 import inspect
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,132 +17,40 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lengen_fast
-from lengen_fast import attention, backends, varlen_attention
-from lengen_fast.reference import varlen_attention_ref
+from lengen_fast import backends, varlen_attention
+from lengen_fast.attention import op
 
-from helpers.attention_rule import ATOL, assert_within_rule
+from helpers.attention_cases import ATOL, CASES, FP32_ULP, SMALL_CASES, Case, check_outputs, cu_seqlens, make_inputs
 
-FP32_ULP = 2.0 ** -23
-HAS_TRITON = "triton" in attention._supported() and backends.available("attention", "triton", torch.device("cpu"))
-
-
-@dataclass(frozen=True)
-class Case:
-    lens_q: tuple
-    lens_k: Optional[tuple] = None          # None: same as lens_q
-    H: int = 4
-    H_kv: int = 2
-    D: int = 64
-    dtype: torch.dtype = torch.float32
-    causal: bool = True
-    window: tuple = (-1, -1)
-    softcap: float = 0.0
-    scale: Optional[float] = None
-    tail: int = 0                           # tokens after cu_seqlens[-1] (q and k)
-    layout: str = "contiguous"              # "packed": views of one (T, H + 2 H_kv, D) qkv; "strided": D stride 2
-
-
-def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
-
-
-def _inputs(c: Case, seed: int = 0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    lens_k = c.lens_k if c.lens_k is not None else c.lens_q
-    Tq, Tk = sum(c.lens_q) + c.tail, sum(lens_k) + c.tail
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=c.dtype)
-
-    if c.layout == "packed":
-        assert Tq == Tk
-        qkv = rnd(Tq, c.H + 2 * c.H_kv, c.D)
-        q, k, v = qkv[:, :c.H], qkv[:, c.H:c.H + c.H_kv], qkv[:, c.H + c.H_kv:]
-        dout = rnd(c.H, Tq, c.D).transpose(0, 1)                           # (Tq, H, D), token stride D
-    elif c.layout == "strided":
-        q, k, v = rnd(Tq, c.H, c.D, 2)[..., 0], rnd(Tk, c.H_kv, c.D, 2)[..., 1], rnd(c.D, Tk, c.H_kv).permute(1, 2, 0)
-        dout = rnd(Tq, c.H, 2 * c.D)[..., ::2]
-    else:
-        q, k, v, dout = rnd(Tq, c.H, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tq, c.H, c.D)
-    cu_q = _cu(c.lens_q).to(device)
-    cu_k = _cu(c.lens_k).to(device) if c.lens_k is not None else None
-    return q, k, v, dout, cu_q, cu_k
+HAS_TRITON = "triton" in op._supported() and backends.available("attention", "triton", torch.device("cpu"))
 
 
 def _run(c: Case, q, k, v, dout, cu_q, cu_k, backend, deterministic=False):
     xs = [x.detach().requires_grad_() for x in (q, k, v)]
-    out, lse = varlen_attention(*xs, cu_q, cu_k, causal=c.causal, softmax_scale=c.scale, window_size=c.window,
-                                softcap=c.softcap, return_lse=True, deterministic=deterministic, backend=backend)
+    max_q, max_k = c.max_seqlen or (None, None)
+    out, lse = varlen_attention(*xs, cu_q, cu_k, max_q, max_k, causal=c.causal, softmax_scale=c.scale,
+                                window_size=c.window, softcap=c.softcap, return_lse=True, deterministic=deterministic,
+                                backend=backend)
     out.backward(dout)
     return [out, lse] + [x.grad for x in xs]
 
 
-def _reference(c: Case, q, k, v, dout, cu_q, cu_k, dtype):
-    xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
-    out, lse = varlen_attention_ref(*xs, cu_q, cu_k, causal=c.causal, softmax_scale=c.scale, window_size=c.window,
-                                    softcap=c.softcap, return_lse=True, upcast=False)
-    if out.requires_grad:                                                   # False when no token is in a document
-        out.backward(dout.to(dtype))
-    return [out, lse] + [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]
-
-
 def _check(c: Case, backend="cpu", seed=0, device="cpu"):
-    q, k, v, dout, cu_q, cu_k = _inputs(c, seed, device)
+    inputs = make_inputs(c, seed, device)
+    q, k, v, dout, cu_q, cu_k = inputs
     before = [x.clone() for x in (q, k, v, dout)]
     got = _run(c, q, k, v, dout, cu_q, cu_k, backend)
     for x, b in zip((q, k, v, dout), before):                               # out-of-place
         assert torch.equal(x, b)
-    truth = _reference(c, q, k, v, dout, cu_q, cu_k, torch.float64)
-    eager = _reference(c, q, k, v, dout, cu_q, cu_k, c.dtype)
-    out, lse, dq, dk, dv = got
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert lse.shape == (c.H, q.shape[0]) and lse.dtype == torch.float32
+    out, lse = got[:2]
     assert out.requires_grad and not lse.requires_grad                      # lse is not differentiable
-    for g_, x in ((dq, q), (dk, k), (dv, v)):
-        assert g_.shape == x.shape and g_.dtype == x.dtype
-    assert_within_rule(got, truth, eager, lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item(), backend)
-    nq = int(cu_q[-1])
-    nk = int((cu_k if cu_k is not None else cu_q)[-1])
-    for name, x in (("out", out[nq:]), ("dq", dq[nq:]), ("dk", dk[nk:]), ("dv", dv[nk:])):
-        assert torch.count_nonzero(x) == 0, f"tail tokens: {name} not zero"
+    check_outputs(c, inputs, got, lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item(), backend)
     return got
 
 
-CASES = {
-    # zero-length and single-token docs, a doc longer than a 64-row tile, tail tokens, GQA
-    "mixed_causal_gqa": Case((0, 1, 150, 0, 5, 1, 70), tail=3),
-    "mixed_noncausal": Case((0, 1, 150, 5, 70), causal=False, tail=2),
-    # one document covering every token (several tiles in both directions)
-    "single_doc": Case((200,), H=2, H_kv=2),
-    # s_q != s_k: bottom-right causal; s_k = 0, s_q = 0, and s_q > s_k (leading rows see nothing)
-    "sq_ne_sk_causal": Case((10, 130, 5, 0, 7), (70, 12, 0, 9, 7), tail=2),
-    "sq_ne_sk_noncausal": Case((10, 130, 5), (70, 12, 0), causal=False),
-    # MQA (one KV head) with a window smaller than a tile
-    "window_mqa": Case((140, 3), causal=False, window=(5, 3), H=3, H_kv=1),
-    "causal_window_left": Case((150, 20), window=(7, -1), tail=1),
-    "window_right_only": Case((90, 9), causal=False, window=(-1, 2)),
-    # one visible key per row: P is one-hot, eager's dS is exactly 0 and the kernel's must be too
-    "window_diagonal_only": Case((140, 1), D=16, window=(0, -1), H=2, H_kv=1),
-    "softcap": Case((100, 17), window=(30, -1), softcap=5.0, tail=1),
-    "softcap_noncausal_scale": Case((80, 17), causal=False, softcap=2.0, scale=0.4),
-    # non-contiguous inputs: views of a packed qkv and a transposed dout; stride 2 along D; permuted v
-    "packed_qkv_views": Case((19, 0, 96), H=2, H_kv=1, scale=0.3, tail=2, layout="packed"),
-    "strided_head_dim": Case((33, 70), (40, 70), layout="strided", tail=1),
-    # head dims that are not a multiple of the 16-float vector, and large ones
-    "d8": Case((70, 3), D=8),
-    "d40": Case((70, 3), D=40, H_kv=1),
-    "d128": Case((100,), D=128, H=2, H_kv=1),
-    "d256": Case((70,), D=256, H=1, H_kv=1, causal=False),
-    # half precision (fp32 accumulation inside)
-    "fp16": Case((0, 1, 130, 20), dtype=torch.float16, tail=2),
-    "bf16": Case((0, 1, 130, 20), dtype=torch.bfloat16, tail=2, window=(40, -1)),
-    "bf16_softcap_packed": Case((50, 30), dtype=torch.bfloat16, softcap=3.0, layout="packed", H=2, H_kv=1),
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(CASES) + [f"small_{n}" for n in SMALL_CASES])
 def test_cpu_matches_reference(name):
-    _check(CASES[name])
+    _check(SMALL_CASES[name[len("small_"):]] if name.startswith("small_") else CASES[name])
 
 
 @pytest.mark.parametrize("name", ["mixed_causal_gqa", "sq_ne_sk_causal", "softcap"])
@@ -155,7 +62,7 @@ def test_reference_backend_through_op(name):
 
 def test_all_tail_tokens():
     c = Case((0,), tail=5)
-    q, k, v, dout, cu_q, _ = _inputs(c)
+    q, k, v, dout, cu_q, _ = make_inputs(c)
     out, lse, dq, dk, dv = _run(c, q, k, v, dout, cu_q, None, "cpu")
     assert torch.isinf(lse).all() and (lse > 0).all()
     for x in (out, dq, dk, dv):
@@ -164,7 +71,7 @@ def test_all_tail_tokens():
 
 def test_no_documents_and_no_tokens():
     c = Case(())
-    q, k, v, dout, cu_q, _ = _inputs(c)
+    q, k, v, dout, cu_q, _ = make_inputs(c)
     assert q.shape[0] == 0
     out, lse, dq, dk, dv = _run(c, q, k, v, dout, cu_q, None, "cpu")
     assert out.shape == (0, 4, 64) and lse.shape == (4, 0) and dk.shape == (0, 2, 64)
@@ -172,7 +79,7 @@ def test_no_documents_and_no_tokens():
 
 def test_deterministic_backward_bitwise():
     c = Case((300, 5, 130), H=8, H_kv=1, window=(90, -1), softcap=4.0, tail=1)
-    q, k, v, dout, cu_q, cu_k = _inputs(c)
+    q, k, v, dout, cu_q, cu_k = make_inputs(c)
     first = _run(c, q, k, v, dout, cu_q, cu_k, "cpu", deterministic=True)
     second = _run(c, q, k, v, dout, cu_q, cu_k, "cpu", deterministic=True)
     for a, b in zip(first, second):
@@ -180,12 +87,12 @@ def test_deterministic_backward_bitwise():
 
 
 def test_default_backend_on_cpu_is_cpp():
-    assert backends.select("attention", torch.device("cpu"), supported=attention._supported()) == "cpu"
+    assert backends.select("attention", torch.device("cpu"), supported=op._supported()) == "cpu"
 
 
 def test_int64_cu_seqlens_and_max_seqlen_hints():
     c = Case((30, 50))
-    q, k, v, _, cu_q, _ = _inputs(c)
+    q, k, v, _, cu_q, _ = make_inputs(c)
     a = varlen_attention(q, k, v, cu_q)
     b = varlen_attention(q, k, v, cu_q.long(), cu_q.long(), 50, 50)
     assert torch.equal(a, b)
@@ -212,13 +119,9 @@ def test_fuzz_layouts(data, n_docs, causal, tail, heads, D, left, right, softcap
 # ------------------------------------------------------------------------------------------- Triton (interpreter)
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton attention kernels not importable here")
-@pytest.mark.parametrize("case", [
-    Case((0, 1, 37, 5), H=2, H_kv=1, D=32, dtype=torch.float16, tail=2),
-    Case((20, 9), (12, 30), H=2, H_kv=2, D=16, causal=False, window=(4, 3), softcap=2.0),
-    Case((19, 0, 26), H=2, H_kv=1, D=16, layout="packed", tail=1),
-], ids=["fp16_causal_gqa", "fp32_window_softcap_sq_ne_sk", "fp32_packed_qkv"])
-def test_triton_through_op(case):
-    _check(case, backend="triton")
+@pytest.mark.parametrize("name", ["fp16_causal_gqa", "fp32_window_softcap_sq_ne_sk", "fp32_packed_qkv"])
+def test_triton_through_op(name):
+    _check(SMALL_CASES[name], backend="triton")
 
 
 # ------------------------------------------------------------------------------------------- GPU (pytest -m gpu)
@@ -236,7 +139,7 @@ def test_gpu_public_op(dtype, D):
 @pytest.mark.gpu
 def test_gpu_no_host_sync():
     c = Case((1, 700, 0, 300), H=8, H_kv=2, D=64, dtype=torch.bfloat16, tail=5)
-    q, k, v, dout, cu_q, _ = _inputs(c, 0, "cuda")
+    q, k, v, dout, cu_q, _ = make_inputs(c, 0, "cuda")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     varlen_attention(q, k, v, cu_q).backward(dout)                          # warm-up: autotuning may sync
     torch.cuda.synchronize()
@@ -253,7 +156,7 @@ def test_gpu_compile_fullgraph_inductor():
     torch.manual_seed(0)
     model = TinyAttentionModel().cuda()
     x = torch.randn(45, 32, device="cuda")
-    cu = _cu((20, 0, 1, 24)).cuda()
+    cu = cu_seqlens((20, 0, 1, 24)).cuda()
     eager = model(x, cu)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x, cu), eager)
@@ -263,7 +166,7 @@ def test_gpu_compile_fullgraph_inductor():
 
 def test_opcheck():
     c = Case((0, 9, 20), H=2, H_kv=1, D=16, tail=1)
-    q, k, v, _, cu_q, _ = _inputs(c)
+    q, k, v, _, cu_q, _ = make_inputs(c)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     args = (q, k, v, cu_q, cu_q, None, None, True, 0.25, -1, 0, 0.0, False, "cpu")
     torch.library.opcheck(torch.ops.lengen.varlen_attention_fwd.default, args)
@@ -287,7 +190,7 @@ def test_torch_compile_fullgraph():
     torch.manual_seed(0)
     model = TinyAttentionModel()
     x = torch.randn(45, 32)
-    cu = _cu((20, 0, 1, 24))
+    cu = cu_seqlens((20, 0, 1, 24))
     eager = model(x, cu)
     eager.sum().backward()
     g_eager = [p.grad.clone() for p in model.parameters()]
@@ -305,20 +208,20 @@ def test_torch_compile_fullgraph():
 def _good():
     q = torch.randn(10, 4, 64)
     k = torch.randn(10, 2, 64)
-    return dict(q=q, k=k, v=torch.randn(10, 2, 64), cu_seqlens_q=_cu((4, 6)))
+    return dict(q=q, k=k, v=torch.randn(10, 2, 64), cu_seqlens_q=cu_seqlens((4, 6)))
 
 
 BAD = [
     ("cu_float", dict(cu_seqlens_q=torch.tensor([0.0, 4.0, 10.0])), TypeError, "cu_seqlens_q must be an integer"),
     ("cu_2d", dict(cu_seqlens_q=torch.tensor([[0, 4, 10]], dtype=torch.int32)), ValueError, "cu_seqlens_q must be 1-D"),
     ("cu_not_tensor", dict(cu_seqlens_q=[0, 4, 10]), TypeError, "cu_seqlens_q must be a torch.Tensor"),
-    ("cu_start", dict(cu_seqlens_q=_cu((4, 6)) + 1), ValueError, "cu_seqlens_q must start at 0"),
+    ("cu_start", dict(cu_seqlens_q=cu_seqlens((4, 6)) + 1), ValueError, "cu_seqlens_q must start at 0"),
     ("cu_decreasing", dict(cu_seqlens_q=torch.tensor([0, 6, 4, 10], dtype=torch.int32)), ValueError,
      r"cu_seqlens_q must be non-decreasing, but cu_seqlens_q\[2\] = 4"),
-    ("cu_beyond", dict(cu_seqlens_q=_cu((4, 7))), ValueError, "cu_seqlens_q ends at 11, beyond the 10 tokens"),
-    ("cu_k_beyond", dict(cu_seqlens_k=_cu((4, 9))), ValueError, "cu_seqlens_k ends at 13"),
-    ("cu_k_len", dict(cu_seqlens_k=_cu((10,))), ValueError, "same length B\\+1"),
-    ("cu_device", dict(cu_seqlens_q=_cu((4, 6)).to("meta")), ValueError, "cu_seqlens_q is on meta"),
+    ("cu_beyond", dict(cu_seqlens_q=cu_seqlens((4, 7))), ValueError, "cu_seqlens_q ends at 11, beyond the 10 tokens"),
+    ("cu_k_beyond", dict(cu_seqlens_k=cu_seqlens((4, 9))), ValueError, "cu_seqlens_k ends at 13"),
+    ("cu_k_len", dict(cu_seqlens_k=cu_seqlens((10,))), ValueError, "same length B\\+1"),
+    ("cu_device", dict(cu_seqlens_q=cu_seqlens((4, 6)).to("meta")), ValueError, "cu_seqlens_q is on meta"),
     ("k_device", dict(k=torch.randn(10, 2, 64, device="meta")), ValueError, "k is on meta but q is on cpu"),
     ("heads", dict(k=torch.randn(10, 3, 64), v=torch.randn(10, 3, 64)), ValueError,
      "H=4 .* must be a multiple of .* H_kv=3"),
@@ -357,7 +260,7 @@ def test_cpp_checks_cu_seqlens_values():
     q, k, v = torch.randn(10, 2, 16), torch.randn(10, 2, 16), torch.randn(10, 2, 16)
     bad = torch.tensor([0, 6, 4, 10], dtype=torch.int32)
     with pytest.raises(ValueError, match="non-decreasing"):
-        attention.attention_fwd_cpu(q, k, v, bad, bad, None, None, True, 0.25, -1, 0, 0.0)
+        op.attention_fwd_cpu(q, k, v, bad, bad, None, None, True, 0.25, -1, 0, 0.0)
 
 
 # ------------------------------------------------------------------------------- flash-attn signature

@@ -2,69 +2,38 @@
 
 On CPU these run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) with 16x16 tiles,
 so tiny shapes still cover multi-tile documents; bf16 and larger shapes are `gpu` tests.
-Tolerance (flash-attn's rule), truth = reference in fp64:
+Cases, inputs, references and flash-attn's tolerance rule come from helpers/attention_cases.py, truth = reference
+in fp64:
     max|kernel - truth| <= 2 * max|eager_same_dtype - truth| + atol
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lengen_fast.reference import varlen_attention_ref
-from lengen_fast.triton import attention_bwd, attention_sched
-from lengen_fast.triton.attention_bwd import attention_bwd_triton
-from lengen_fast.triton.attention_fwd import attention_fwd_triton
-from lengen_fast.triton.attention_sched import KernelConfig, schedule_torch, tile_schedule
+from lengen_fast.attention import triton_bwd, triton_sched
+from lengen_fast.attention.triton_bwd import attention_bwd_triton
+from lengen_fast.attention.triton_fwd import attention_fwd_triton
+from lengen_fast.attention.triton_sched import KernelConfig, schedule_torch, tile_schedule
 
-from helpers.attention_rule import ATOL, assert_within_rule
+from helpers.attention_cases import ATOL, SMALL_CASES, Case, check_outputs, cu_seqlens, make_inputs, small
 from helpers.compile import compile_for_sm90
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@dataclass(frozen=True)
-class Case:
-    lens_q: tuple[int, ...]
-    lens_k: tuple[int, ...] | None = None    # None: same as lens_q
-    H: int = 2
-    H_kv: int = 1
-    D: int = 32
-    dtype: torch.dtype = torch.float16
-    causal: bool = True
-    window: tuple[int, int] = (-1, -1)
-    softcap: float = 0.0
-    scale: float | None = None
-    tail: int = 0                            # tokens after cu_seqlens[-1] (q and k)
-    strided: bool = False                    # q/k/v views of a packed qkv tensor, strided dout
-    max_seqlen: tuple[int, int] | None = None  # (q, k) hints passed to the kernels (they pick tile shapes)
-
-
 def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    return cu_seqlens(lens, DEV)
 
 
 def _inputs(c: Case, seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    cu_q = _cu(c.lens_q)
-    cu_k = _cu(c.lens_k) if c.lens_k is not None else cu_q
-    Tq = int(sum(c.lens_q)) + c.tail
-    Tk = int(sum(c.lens_k if c.lens_k is not None else c.lens_q)) + c.tail
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(c.dtype).to(DEV)
-
-    if c.strided:
-        assert Tq == Tk
-        qkv = rnd(Tq, c.H + 2 * c.H_kv, c.D)
-        q, k, v = qkv[:, :c.H], qkv[:, c.H:c.H + c.H_kv], qkv[:, c.H + c.H_kv:]
-        dout = rnd(Tq, c.H, 2 * c.D)[..., ::2]                     # stride 2 along D
-    else:
-        q, k, v, dout = rnd(Tq, c.H, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tk, c.H_kv, c.D), rnd(Tq, c.H, c.D)
-    return q, k, v, dout, cu_q, cu_k
+    """make_inputs on DEV, with cu_k = cu_q when the case has no lens_k (the kernels take both)."""
+    q, k, v, dout, cu_q, cu_k = make_inputs(c, seed, DEV)
+    return q, k, v, dout, cu_q, cu_q if cu_k is None else cu_k
 
 
 def _kernels(c: Case, q, k, v, dout, cu_q, cu_k, deterministic=True):
@@ -74,70 +43,33 @@ def _kernels(c: Case, q, k, v, dout, cu_q, cu_k, deterministic=True):
     return out, lse, dq, dk, dv
 
 
-def _reference(c: Case, q, k, v, dout, cu_q, cu_k, dtype):
-    xs = [x.detach().to(dtype).clone().requires_grad_() for x in (q, k, v)]
-    out, lse = varlen_attention_ref(*xs, cu_q, cu_k, causal=c.causal, softmax_scale=c.scale, window_size=c.window,
-                                    softcap=c.softcap, return_lse=True, upcast=False)
-    if out.requires_grad:                                           # False when no token is in a document
-        out.backward(dout.to(dtype))
-    return [out, lse] + [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]
-
-
 def _check(c: Case, seed: int = 0):
-    q, k, v, dout, cu_q, cu_k = _inputs(c, seed)
-    got = _kernels(c, q, k, v, dout, cu_q, cu_k)
-    truth = _reference(c, q, k, v, dout, cu_q, cu_k, torch.float64)
-    eager = _reference(c, q, k, v, dout, cu_q, cu_k, c.dtype)
-    out, lse, dq, dk, dv = got
-    assert out.shape == q.shape and out.dtype == q.dtype
-    assert lse.shape == (c.H, q.shape[0]) and lse.dtype == torch.float32
-    for x, ref in ((dq, q), (dk, k), (dv, v)):
-        assert x.shape == ref.shape and x.dtype == ref.dtype
-    assert_within_rule(got, truth, eager, lambda t: ATOL[c.dtype], "kernel")
-    nq, nk = int(cu_q[-1]), int(cu_k[-1])
-    for name, x in (("out", out[nq:]), ("dq", dq[nq:]), ("dk", dk[nk:]), ("dv", dv[nk:])):
-        assert torch.count_nonzero(x) == 0, f"tail tokens: {name} not zero"
+    inputs = _inputs(c, seed)
+    check_outputs(c, inputs, _kernels(c, *inputs), lambda t: ATOL[c.dtype], "kernel")
 
 
-CASES = {
-    # zero-length and single-token docs, docs longer than a tile, tail tokens, GQA
-    "mixed_causal_gqa": Case((0, 1, 37, 5, 20), H=4, H_kv=2, tail=3),
-    "mixed_fp32_noncausal": Case((0, 1, 37, 5, 20), dtype=torch.float32, causal=False, tail=2),
-    # s_q != s_k: bottom-right causal; a doc with s_k = 0 and one with s_q > s_k (rows that see nothing)
-    "sq_ne_sk_causal": Case((10, 30, 5), (20, 12, 0), tail=2),
-    # window smaller than a tile, MQA (one KV head)
-    "window_mqa": Case((40, 3), causal=False, window=(5, 3), H=3, H_kv=1),
-    "window_right_only_fp32": Case((30, 9), dtype=torch.float32, causal=False, window=(-1, 2)),
-    "causal_window_softcap_fp32": Case((33, 17), dtype=torch.float32, window=(7, -1), softcap=5.0, tail=1),
-    # one doc covers the batch; head dim padded to a power of two
-    "single_doc_d48": Case((50,), D=48),
-    # strided views of a packed qkv, strided dout, custom scale
-    "packed_qkv_views": Case((19, 0, 26), H=2, H_kv=1, scale=0.3, tail=2, strided=True),
-}
-
-
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(SMALL_CASES))
 def test_matches_reference(name):
-    _check(CASES[name])
+    _check(SMALL_CASES[name])
 
 
 @pytest.mark.parametrize("fwd,dkdv,dq", [((32, 16), (16, 32), (32, 16)), ((16, 32), (32, 16), (16, 32))])
 def test_other_tile_shapes(monkeypatch, fwd, dkdv, dq):
     for kern, (bm, bn) in (("fwd", fwd), ("bwd_dkdv", dkdv), ("bwd_dq", dq)):
-        monkeypatch.setitem(attention_sched.INTERPRET_CONFIGS, kern, KernelConfig(bm, bn, 4, 1))
-    _check(Case((45, 2, 20), (33, 40, 20), H=2, H_kv=1, tail=1))
-    _check(Case((45, 20), causal=False, window=(9, 4), tail=1, dtype=torch.float32))
+        monkeypatch.setitem(triton_sched.INTERPRET_CONFIGS, kern, KernelConfig(bm, bn, 4, 1))
+    _check(small((45, 2, 20), (33, 40, 20), H=2, H_kv=1, tail=1))
+    _check(small((45, 20), causal=False, window=(9, 4), tail=1, dtype=torch.float32))
 
 
 def test_gqa_group_runtime_loop(monkeypatch):
     # groups above MAX_UNROLLED_GROUP walk the query heads in a runtime loop instead of unrolling
-    monkeypatch.setattr(attention_bwd, "MAX_UNROLLED_GROUP", 1)
-    _check(Case((21, 0, 13), H=3, H_kv=1, window=(6, -1), tail=1))
+    monkeypatch.setattr(triton_bwd, "MAX_UNROLLED_GROUP", 1)
+    _check(small((21, 0, 13), H=3, H_kv=1, window=(6, -1), tail=1))
 
 
 def test_all_tail_tokens():
     # one empty document: every token is a tail token
-    c = Case((0,), tail=5)
+    c = small((0,), tail=5)
     q, k, v, dout, cu_q, cu_k = _inputs(c)
     out, lse, dq, dk, dv = _kernels(c, q, k, v, dout, cu_q, cu_k)
     assert torch.isinf(lse).all() and (lse > 0).all()
@@ -151,7 +83,7 @@ def _bwd(c: Case, q, k, v, dout, cu_q, cu_k, out, lse, deterministic):
 
 
 def test_deterministic_repeatable():
-    c = Case((37, 5, 20), H=3, H_kv=1, window=(9, -1), tail=1)
+    c = small((37, 5, 20), H=3, H_kv=1, window=(9, -1), tail=1)
     q, k, v, dout, cu_q, cu_k = _inputs(c)
     out, lse, *first = _kernels(c, q, k, v, dout, cu_q, cu_k, deterministic=True)
     second = _bwd(c, q, k, v, dout, cu_q, cu_k, out, lse, True)
@@ -165,7 +97,7 @@ def test_deterministic_repeatable():
        left=st.sampled_from([-1, 1, 3, 20]), tail=st.integers(0, 3), seed=st.integers(0, 100))
 def test_fuzz_layouts(lens, causal, left, tail, seed):
     # left=0 with causal (one visible key per row) is the known limitation tested below
-    _check(Case(tuple(lens), H=2, H_kv=1, D=32, dtype=torch.float32, causal=causal, window=(left, -1 if causal else 2),
+    _check(small(tuple(lens), H=2, H_kv=1, D=32, dtype=torch.float32, causal=causal, window=(left, -1 if causal else 2),
                 tail=tail), seed=seed)
 
 
@@ -174,7 +106,7 @@ def test_fuzz_layouts(lens, causal, left, tail, seed):
                    "in dq/dk where eager fp32 is exact. The C++ backend forms dS as sum_d dO (V - O) and passes.")
 @pytest.mark.parametrize("seed", [54, 81])
 def test_one_visible_key_fp32(seed):
-    _check(Case((24, 24, 24, 24), H=2, H_kv=1, D=32, dtype=torch.float32, causal=True, window=(0, -1)), seed=seed)
+    _check(small((24, 24, 24, 24), H=2, H_kv=1, D=32, dtype=torch.float32, causal=True, window=(0, -1)), seed=seed)
 
 
 @settings(max_examples=60, deadline=None)
@@ -205,14 +137,14 @@ GPU_LENS = (1, 700, 0, 1500, 33, 129, 256)
 def first_config(monkeypatch):
     """Correctness runs take each kernel's first GPU config: timing every candidate of every
     variant would compile for minutes. test_gpu_autotuned_configs covers the others."""
-    monkeypatch.setattr(attention_sched, "AUTOTUNE", False)
+    monkeypatch.setattr(triton_sched, "AUTOTUNE", False)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128, 256, 96])
 def test_gpu_causal_gqa(first_config, dtype, D):
-    _check(Case(GPU_LENS, H=8, H_kv=2, D=D, dtype=dtype, tail=17))
+    _check(small(GPU_LENS, H=8, H_kv=2, D=D, dtype=dtype, tail=17))
 
 
 @pytest.mark.gpu
@@ -221,7 +153,7 @@ def test_gpu_causal_gqa(first_config, dtype, D):
     dict(causal=True, window=(100, -1)),
     dict(causal=False, window=(37, 5), softcap=30.0),
     dict(lens_k=(5, 300, 64, 1000, 0, 200, 256)),
-    dict(strided=True, H_kv=1),
+    dict(layout="packed", H_kv=1),
     pytest.param(dict(dtype=torch.float32, D=64), marks=pytest.mark.xfail(
         reason="H100 (2026-11-22): dv max error 1.54e-5 vs 2x eager fp32 1.38e-5 (one FMA chain over the "
                "1500-token document). The fp32 backward now Kahan-sums the tile products (dot_acc); not yet re-run "
@@ -235,8 +167,8 @@ def test_gpu_variants(first_config, kw):
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_autotuned_configs(first_config, monkeypatch, D):
     """Every candidate config is correct (the autotuner may pick any of them)."""
-    c = Case(GPU_LENS, H=4, H_kv=2, D=D, dtype=torch.bfloat16, tail=5)
-    for by_d in attention_sched._GPU_CONFIGS.values():
+    c = small(GPU_LENS, H=4, H_kv=2, D=D, dtype=torch.bfloat16, tail=5)
+    for by_d in triton_sched._GPU_CONFIGS.values():
         for cfg in by_d[D][1:]:
             with monkeypatch.context() as m:
                 m.setitem(by_d, D, [cfg])
@@ -245,20 +177,20 @@ def test_gpu_autotuned_configs(first_config, monkeypatch, D):
 
 def test_short_hint_picks_small_tiles(monkeypatch):
     """max_seqlen hints <= SHORT_MAX switch 16-bit inputs to the small-tile candidates (GPU configs)."""
-    monkeypatch.setattr(attention_sched, "triton_interpret", lambda: False)
-    assert attention_sched.is_short(16, 64) and not attention_sched.is_short(16, 65)
-    assert not attention_sched.is_short(None, 16) and not attention_sched.is_short(16, None)
+    monkeypatch.setattr(triton_sched, "triton_interpret", lambda: False)
+    assert triton_sched.is_short(16, 64) and not triton_sched.is_short(16, 65)
+    assert not triton_sched.is_short(None, 16) and not triton_sched.is_short(16, None)
     for kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
-        short = attention_sched.candidate_configs(kernel, 128, torch.bfloat16, short=True)
-        assert short == attention_sched._SHORT_CONFIGS[kernel]
-        assert attention_sched.candidate_configs(kernel, 128, torch.bfloat16) != short
-        assert attention_sched.candidate_configs(kernel, 64, torch.float32, short=True) == \
-            attention_sched._FP32_CONFIGS[kernel]
+        short = triton_sched.candidate_configs(kernel, 128, torch.bfloat16, short=True)
+        assert short == triton_sched._SHORT_CONFIGS[kernel]
+        assert triton_sched.candidate_configs(kernel, 128, torch.bfloat16) != short
+        assert triton_sched.candidate_configs(kernel, 64, torch.float32, short=True) == \
+            triton_sched._FP32_CONFIGS[kernel]
 
 
 def test_wrong_short_hint_still_correct():
     """A hint smaller than the real lengths costs speed, never correctness."""
-    _check(Case((3, 40, 0, 17), H=2, H_kv=1, D=32, dtype=torch.float16, tail=3, max_seqlen=(4, 4)))
+    _check(small((3, 40, 0, 17), H=2, H_kv=1, D=32, dtype=torch.float16, tail=3, max_seqlen=(4, 4)))
 
 
 SHORT_LENS = (16,) * 40 + (1, 5, 64, 0, 33)
@@ -268,20 +200,20 @@ SHORT_LENS = (16,) * 40 + (1, 5, 64, 0, 33)
 def test_gpu_short_configs(first_config, monkeypatch):
     """Every small-tile candidate (picked by max_seqlen hints <= SHORT_MAX) is correct, with a right
     hint on short documents and with a wrong one on a long document."""
-    n = len(attention_sched._SHORT_CONFIGS["fwd"])
+    n = len(triton_sched._SHORT_CONFIGS["fwd"])
     for i in range(n):
         with monkeypatch.context() as m:
-            for kernel, cfgs in attention_sched._SHORT_CONFIGS.items():
-                m.setitem(attention_sched._SHORT_CONFIGS, kernel, [cfgs[i]])
+            for kernel, cfgs in triton_sched._SHORT_CONFIGS.items():
+                m.setitem(triton_sched._SHORT_CONFIGS, kernel, [cfgs[i]])
             for dtype in (torch.bfloat16, torch.float16):
-                _check(Case(SHORT_LENS, H=4, H_kv=2, D=128, dtype=dtype, tail=5, max_seqlen=(64, 64)))
-            _check(Case(SHORT_LENS + (700,), H=4, H_kv=2, D=64, dtype=torch.bfloat16, max_seqlen=(16, 16)))
+                _check(small(SHORT_LENS, H=4, H_kv=2, D=128, dtype=dtype, tail=5, max_seqlen=(64, 64)))
+            _check(small(SHORT_LENS + (700,), H=4, H_kv=2, D=64, dtype=torch.bfloat16, max_seqlen=(16, 16)))
 
 
 @pytest.mark.gpu
 def test_gpu_deterministic_bitwise():
     # also runs the autotuner (bf16, hdim 128, causal)
-    c = Case((3000, 17, 1000, 500), H=16, H_kv=2, D=128, dtype=torch.bfloat16, tail=9)
+    c = small((3000, 17, 1000, 500), H=16, H_kv=2, D=128, dtype=torch.bfloat16, tail=9)
     q, k, v, dout, cu_q, cu_k = _inputs(c)
     first = _kernels(c, q, k, v, dout, cu_q, cu_k)
     for _ in range(3):
@@ -294,9 +226,9 @@ COMPILE_FOR_SM90 = r"""
 import inspect, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lengen_fast.triton.attention_fwd import _attn_fwd
-from lengen_fast.triton.attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq
-from lengen_fast.triton.attention_sched import _GPU_CONFIGS, _SHORT_CONFIGS
+from lengen_fast.attention.triton_fwd import _attn_fwd
+from lengen_fast.attention.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+from lengen_fast.attention.triton_sched import _GPU_CONFIGS, _SHORT_CONFIGS
 F32 = {"qk_scale2", "cap2", "scale"}
 I32_PTR = {"CU_Q", "CU_K", "PREFIX", "ORDER"}
 F32_PTR = {"LSE", "DELTA"}

@@ -42,3 +42,10 @@ def test_env_override_unknown(monkeypatch):
     monkeypatch.setenv("LENGEN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="LENGEN_BACKEND='bogus'"):
         backends.select("rope", torch.device("cpu"))
+
+
+def test_attention_order_lists_only_implemented_backends():
+    # no dead entries: every backend in the attention orders has a forward and a backward implementation
+    from lengen_fast.attention import op
+    for device, order in backends.DEFAULT_ORDER["attention"].items():
+        assert set(order) <= set(op._FWD) & set(op._BWD), (device, order)

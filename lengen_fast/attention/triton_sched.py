@@ -1,4 +1,5 @@
-"""Tile scheduling and config choice shared by the varlen attention kernels (forward and backward).
+"""Which tiles does each program own, and with which tile shape? The device-side tile schedule and the kernel
+config choice (candidates per kernel, head dim and dtype; autotuning), shared by forward and backward.
 
 A kernel works on tiles of one document: BLOCK rows of queries (forward, dq) or keys (dk/dv).
 The grid cannot depend on values inside cu_seqlens (that would need a host sync), so it is sized
@@ -20,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpret
+from .triton_common import doc_bounds
 
 
 @dataclass(frozen=True)
@@ -97,67 +99,27 @@ def tile_lookup(PREFIX, ORDER, slot, B):
 
 
 @triton.jit
-def load_rows(ptrs, rows, n, dmask, MASK: tl.constexpr, EVEN_D: tl.constexpr):
-    """A (rows, BLOCK_D) tile: rows >= n read as 0 when MASK (edge tiles), head-dim padding when not EVEN_D."""
-    if MASK:
-        m = (rows < n)[:, None]
-        if not EVEN_D:
-            m = m & dmask
-        x = tl.load(ptrs, mask=m, other=0.0)
-    elif EVEN_D:
-        x = tl.load(ptrs)
-    else:
-        x = tl.load(ptrs, mask=dmask, other=0.0)
-    return x
+def program_tile(PREFIX, B, N_HEADS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """What this program owns in a grid of (tile slots x N_HEADS), head fastest (the heads of one tile, and of one
+    KV group, run together): (slot, head, total tiles PREFIX[B], offs_m (BM,), offs_n (BN,), offs_d (BD,),
+    dmask (1, BD) of the real head dims)."""
+    pid = tl.program_id(0)
+    slot = pid // N_HEADS
+    head = pid % N_HEADS
+    total = tl.load(PREFIX + B)
+    offs_d = tl.arange(0, BLOCK_D)
+    return slot, head, total, tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), offs_d, offs_d[None, :] < HEAD_DIM
 
 
 @triton.jit
-def doc_bounds(CU_Q, CU_K, doc):
-    """(q0, sq, k0, sk): first token and length of document ``doc`` on the query and key sides."""
-    q0 = tl.load(CU_Q + doc)
-    k0 = tl.load(CU_K + doc)
-    return q0, tl.load(CU_Q + doc + 1) - q0, k0, tl.load(CU_K + doc + 1) - k0
-
-
-@triton.jit
-def visible_range(lo_row, hi_row, n, diff, win_left, win_right, BLOCK: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Columns in [0, n) that rows lo_row..hi_row (inclusive) see, as BLOCK-aligned loop bounds
-    (start, full_lo, full_hi, hi): tiles in [full_lo, full_hi) are visible to every row (no mask),
-    [start, full_lo) and [full_hi, hi) need the mask. Row i sees column j iff
-    i + diff - left <= j <= i + diff + right. For the transposed question (the rows that see a column
-    tile) call it with -diff and the window sides swapped."""
-    lo = lo_row * 0
-    hi = n + lo
-    full_lo = lo
-    full_hi = (n // BLOCK) * BLOCK
-    if HAS_LEFT:
-        lo = tl.minimum(tl.maximum(lo_row + diff - win_left, 0), n)
-        full_lo = tl.cdiv(tl.maximum(hi_row + diff - win_left, 0), BLOCK) * BLOCK
-    if HAS_RIGHT:
-        hi = tl.minimum(tl.maximum(hi_row + diff + win_right + 1, 0), n)
-        full_hi = (tl.minimum(tl.maximum(lo_row + diff + win_right + 1, 0), n) // BLOCK) * BLOCK
-    start = (lo // BLOCK) * BLOCK
-    full_lo = tl.minimum(tl.maximum(full_lo, start), tl.maximum(hi, start))
-    full_hi = tl.maximum(full_hi, full_lo)
-    return start, full_lo, full_hi, hi
-
-
-@triton.jit
-def phase_range(phase: tl.constexpr, start, full_lo, full_hi, hi):
-    """Loop bounds of phase 0 (masked [start, full_lo)), 1 (unmasked [full_lo, full_hi)) or 2 (masked [full_hi, hi))."""
-    if phase == 0:
-        return start, full_lo
-    elif phase == 1:
-        return full_lo, full_hi
-    else:
-        return full_hi, hi
-
-
-@triton.jit
-def tanh_f32(x):
-    # exp-based so that it runs in the interpreter as on GPU; saturates to +-1 without NaN
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+def query_tile(PREFIX, ORDER, CU_Q, CU_K, slot, B, offs_m, BLOCK_M: tl.constexpr):
+    """The query tile of ``slot`` (< PREFIX[B]), a document's last tile first (the heaviest under a causal mask):
+    (q0, sq, k0, sk) of its document, its rows [m_lo, m_hi] (m_hi clipped to the document) and rows (BM,)."""
+    doc, t, n_t = tile_lookup(PREFIX, ORDER, slot, B)
+    m_lo = (n_t - 1 - t) * BLOCK_M
+    q0, sq, k0, sk = doc_bounds(CU_Q, CU_K, doc)
+    return q0, sq, k0, sk, m_lo, tl.minimum(m_lo + BLOCK_M, sq) - 1, m_lo + offs_m
 
 
 # ------------------------------------------------------------------------------ configs
@@ -258,20 +220,6 @@ def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[K
         best = configs[min(range(len(configs)), key=times.__getitem__)]
         _BEST[key] = best
     return best
-
-
-@triton.jit
-def dot_acc(a, b, acc, comp, DOT_PREC: tl.constexpr):
-    """(acc + a @ b, compensation). fp32 ("ieee"): an FMA dot chained through ``acc`` rounds once per term of
-    the whole document (dv of a 1500-token document had 2.4x eager fp32's error on an H100), and Triton folds a
-    plain ``acc + dot(a, b)`` back into that chain, so the tile products are Kahan-summed instead. 16-bit:
-    the MMA accumulates in fp32 and ``comp`` passes through unused."""
-    if DOT_PREC == "ieee":
-        y = tl.dot(a, b, input_precision=DOT_PREC) - comp
-        t = acc + y
-        return t, (t - acc) - y
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC), comp
 
 
 def block_d(head_dim: int) -> int:

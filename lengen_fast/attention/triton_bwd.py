@@ -1,4 +1,4 @@
-"""Varlen document-masked attention backward (FA2-style recomputation), Triton.
+"""How does the Triton backward compute dq, dk, dv? Varlen document-masked attention, FA2-style recomputation.
 
 Inputs as the forward plus dout/out (Tq, H, D) and lse (H, Tq). Three launches, no atomics, so the
 gradients are bitwise repeatable (deterministic=True and False give the same result):
@@ -14,13 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_fwd import mask_flags, score_params, scores, visible
-from .attention_sched import (
-    block_d, candidate_configs, doc_bounds, dot_acc, dot_precision, is_short, load_rows, phase_range, pick_config,
-    tanh_f32, tile_lookup, tile_schedule, visible_range,
+from .triton_common import (
+    LOG2E, doc_bounds, dot_acc, load_rows, mask_flags, phase_range, row_mask, score_params, scores, visible,
+    visible_range,
+)
+from .triton_sched import (
+    block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_lookup,
+    tile_schedule,
 )
 
-LOG2E = tl.constexpr(1.4426950408889634)
 # GQA groups up to this size are unrolled in the dk/dv kernel: that removes the register spills of
 # the runtime loop for MHA and group 2; larger unrolls spill as much (ptxas, sm_90) and compile longer
 MAX_UNROLLED_GROUP = 2
@@ -50,10 +52,10 @@ def _dkdv_inner(dk, dv, cdk, cdv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, s
         q = load_rows(q_ptrs, rows, sq, dmask, MASK, EVEN_D)                       # (BM, D)
         do = load_rows(do_ptrs, rows, sq, dmask, MASK, EVEN_D)                     # (BM, D)
         if MASK:
-            lse2 = tl.load(lse_ptrs, mask=rows < sq, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.load(lse_ptrs, mask=rows < sq, other=float("inf")) * LOG2E
             delta = tl.load(delta_ptrs, mask=rows < sq, other=0.0)
         else:
-            lse2 = tl.load(lse_ptrs) * 1.4426950408889634
+            lse2 = tl.load(lse_ptrs) * LOG2E
             delta = tl.load(delta_ptrs)
         sT, mult, tT = scores(k, q, qk_scale2, cap2, SOFTCAP, DOT_PREC)           # (BN, BM)
         pT = tl.math.exp2(sT * mult - lse2[None, :])                               # lse=+inf -> 0
@@ -102,14 +104,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                    EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    slot = pid // H_KV
-    hk = pid % H_KV
-    total = tl.load(PREFIX + B)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
+    slot, hk, total, offs_m, offs_n, offs_d, dmask = program_tile(PREFIX, B, H_KV, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                                                  BLOCK_D)
     if slot >= total:
         # tail keys at/after cu_k[B]: zero gradients
         t_rows = (tl.load(CU_K + B) + (slot - total) * BLOCK_N + offs_n).to(tl.int64)
@@ -126,10 +122,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, PREFIX, ORDER,
         n_lo = tile_n * BLOCK_N
         n_hi = tl.minimum(n_lo + BLOCK_N, sk) - 1
         cols = n_lo + offs_n
-        col_ok = cols < sk
-        kmask = col_ok[:, None]
-        if not EVEN_D:
-            kmask = kmask & dmask
+        kmask = row_mask(cols < sk, dmask, EVEN_D)
         k_off = (k0 + n_lo).to(tl.int64)
         k = tl.load(K + k_off * skt + hk * skh + offs_n[:, None] * skt + offs_d[None, :] * skd, mask=kmask, other=0.0)
         v = tl.load(V + k_off * svt + hk * svh + offs_n[:, None] * svt + offs_d[None, :] * svd, mask=kmask, other=0.0)
@@ -199,30 +192,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                  EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    slot = pid // H
-    h = pid % H
-    total = tl.load(PREFIX + B)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
+    slot, h, total, offs_m, offs_n, offs_d, dmask = program_tile(PREFIX, B, H, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
     if slot >= total:
         t_rows = (tl.load(CU_Q + B) + (slot - total) * BLOCK_M + offs_m).to(tl.int64)
         tl.store(DQ + h * sdqh + t_rows[:, None] * sdqt + offs_d[None, :] * sdqd,
                  tl.zeros([BLOCK_M, BLOCK_D], dtype=DQ.dtype.element_ty), mask=(t_rows < TOTAL_Q)[:, None] & dmask)
     else:
-        doc, t, n_t = tile_lookup(PREFIX, ORDER, slot, B)
-        tile_m = n_t - 1 - t
-        q0, sq, k0, sk = doc_bounds(CU_Q, CU_K, doc)
+        q0, sq, k0, sk, m_lo, m_hi, rows = query_tile(PREFIX, ORDER, CU_Q, CU_K, slot, B, offs_m, BLOCK_M)
         diff = sk - sq
-        m_lo = tile_m * BLOCK_M
-        m_hi = tl.minimum(m_lo + BLOCK_M, sq) - 1
-        rows = m_lo + offs_m
         row_ok = rows < sq
-        qmask = row_ok[:, None]
-        if not EVEN_D:
-            qmask = qmask & dmask
+        qmask = row_mask(row_ok, dmask, EVEN_D)
         r64 = (q0 + m_lo).to(tl.int64)
         q = tl.load(Q + r64 * sqt + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=qmask, other=0.0)
         do = tl.load(DO + r64 * sdt + h * sdh + offs_m[:, None] * sdt + offs_d[None, :] * sdd, mask=qmask, other=0.0)
@@ -252,7 +231,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, PREFIX, ORDER,
 def attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                          causal, softmax_scale, window_left, window_right, softcap, deterministic):
     """Returns (dq, dk, dv) shaped and typed like (q, k, v). Always deterministic (no atomics);
-    max_seqlen_q/k may be None: they only pick tile shapes (attention_sched.is_short)."""
+    max_seqlen_q/k may be None: they only pick tile shapes (triton_sched.is_short)."""
     Tq, H, D = q.shape
     Tk, H_kv, _ = k.shape
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()

@@ -1,54 +1,22 @@
-"""Varlen document-masked attention forward (FA2-style online softmax), Triton.
+"""How does the Triton forward compute out and lse? Varlen document-masked attention, FA2-style online softmax.
 
 q: (Tq, H, D); k, v: (Tk, H_kv, D); cu_seqlens_q/k: (B+1,) int32; any strides.
 Returns out (Tq, H, D) in q.dtype and lse (H, Tq) fp32 (natural log; +inf for rows that see no key
 and for tail tokens at/after cu_seqlens_q[-1], whose output is 0). One program = one query tile of
-one document x one head; tiles come from a device-side schedule (attention_sched), heaviest first.
+one document x one head; tiles come from a device-side schedule (triton_sched), heaviest first.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention_sched import (
-    block_d, candidate_configs, doc_bounds, dot_precision, is_short, load_rows, phase_range, pick_config, tanh_f32,
-    tile_lookup, tile_schedule, visible_range,
+from .triton_common import (
+    load_rows, mask_flags, phase_range, row_mask, score_params, scores, visible, visible_range,
 )
-
-LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def scores(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
-    """a @ b^T as (s, mult, t): s * mult is the score in base-2 units, i.e. log2(e) * softmax_scale * a.b
-    (soft-capped). Without softcap s is the raw product and mult = scale * log2(e), so callers fuse
-    the scaling into one FMA (s * mult - m); with softcap mult = 1 and t = tanh (for the chain rule)."""
-    s = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
-    if SOFTCAP:
-        t = tanh_f32(s * qk_scale2)              # qk_scale2 = scale / cap, cap2 = cap * log2(e)
-        s = cap2 * t
-        mult = 1.0
-    else:
-        t = s                                     # unused
-        mult = qk_scale2                          # qk_scale2 = scale * log2(e)
-    return s, mult, t
-
-
-@triton.jit
-def visible(rows, cols, diff, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """Broadcast mask of (rows, cols) index tensors (e.g. (BM, 1) and (1, BN)): query i sees key j iff
-    i + diff - left <= j <= i + diff + right, with diff = s_k - s_q (bottom-right alignment)."""
-    r = rows + diff
-    vis = cols >= 0
-    if HAS_RIGHT:
-        vis = vis & (cols <= r + win_right)
-    if HAS_LEFT:
-        vis = vis & (cols >= r - win_left)
-    return vis
-
+from .triton_sched import (
+    block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_schedule,
+)
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, sk, diff,
@@ -90,14 +58,7 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
               EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    slot = pid // H                       # head fastest: heads of one tile (and one KV group) run together
-    h = pid % H
-    total = tl.load(PREFIX + B)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d[None, :] < HEAD_DIM
+    slot, h, total, offs_m, offs_n, offs_d, dmask = program_tile(PREFIX, B, H, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
     if slot >= total:
         # tail tokens at/after cu_q[B]: out 0, lse +inf
         t_rows = tl.load(CU_Q + B) + (slot - total) * BLOCK_M + offs_m
@@ -107,21 +68,14 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
         tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_D], dtype=O.dtype.element_ty), mask=t_ok[:, None] & dmask)
         tl.store(LSE + h * slh + t_rows64 * slt, tl.full([BLOCK_M], float("inf"), tl.float32), mask=t_ok)
     else:
-        doc, t, n_t = tile_lookup(PREFIX, ORDER, slot, B)
-        tile_m = n_t - 1 - t              # last (heaviest under a causal mask) tile first
-        q0, sq, k0, sk = doc_bounds(CU_Q, CU_K, doc)
+        q0, sq, k0, sk, m_lo, m_hi, rows = query_tile(PREFIX, ORDER, CU_Q, CU_K, slot, B, offs_m, BLOCK_M)
         diff = sk - sq
-        m_lo = tile_m * BLOCK_M
-        m_hi = tl.minimum(m_lo + BLOCK_M, sq) - 1
-        rows = m_lo + offs_m
         row_ok = rows < sq
         hk = h // GROUP
 
         q_base = Q + (q0 + m_lo).to(tl.int64) * sqt + h * sqh
         q_ptrs = q_base + offs_m[:, None] * sqt + offs_d[None, :] * sqd
-        qmask = row_ok[:, None]
-        if not EVEN_D:
-            qmask = qmask & dmask
+        qmask = row_mask(row_ok, dmask, EVEN_D)
         q = tl.load(q_ptrs, mask=qmask, other=0.0)
 
         # key tiles visible to some row of the tile: [start, hi); to every row: [full_lo, full_hi)
@@ -154,20 +108,6 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
         o_ptrs = O + (q0 + m_lo).to(tl.int64) * sot + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=qmask)
         tl.store(LSE + h * slh + (q0 + rows).to(tl.int64) * slt, lse, mask=row_ok)
-
-
-def score_params(head_dim: int, softmax_scale: float | None, softcap: float) -> tuple[float, float, float]:
-    """(scale, qk_scale2, cap2) as the kernels use them (base-2 softmax)."""
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    if softcap > 0:
-        return scale, scale / softcap, softcap * LOG2E
-    return scale, scale * LOG2E, 0.0
-
-
-def mask_flags(causal: bool, window_left: int, window_right: int) -> tuple[int, int, bool, bool]:
-    """(left, right, HAS_LEFT, HAS_RIGHT); causal means right = 0 (bottom-right aligned)."""
-    right = 0 if causal else window_right
-    return window_left, right, window_left >= 0, right >= 0
 
 
 def attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
