@@ -1,5 +1,5 @@
 // pybind11 registration for the attention CPU kernels. Pointers arrive as integers (tensor.data_ptr()), strides in
-// elements; Python (lengen_fast/attention.py) validates shapes, dtypes and devices before calling.
+// elements; Python (lengen_fast/attention/api.py) validates shapes, dtypes and devices before calling.
 #include <pybind11/pybind11.h>
 
 #include "attention/varlen_attention_cpu.h"
