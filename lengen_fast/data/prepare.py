@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import glob as globmod
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -409,10 +410,10 @@ def _run_task(args) -> dict:
             for a in range(0, len(texts), 1024):
                 batch = texts[a:a + 1024]
                 text_bytes += sum(len(t.encode("utf-8")) for t in batch)
-                encs = encode(batch, add_special_tokens=add_special)
-                lengths += [len(e.ids) for e in encs]
-                flat = [t for e in encs for t in e.ids]
-                ids.append(np.array(flat, dtype=np_dtype))
+                encs = [e.ids for e in encode(batch, add_special_tokens=add_special)]  # each .ids builds a list
+                n = [len(e) for e in encs]
+                lengths += n
+                ids.append(np.fromiter(itertools.chain.from_iterable(encs), dtype=np_dtype, count=sum(n)))
     lengths = np.asarray(lengths, dtype=np.int64)
     values = np.concatenate(ids) if ids else np.zeros(0, np_dtype)
     offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
