@@ -211,14 +211,14 @@ def _pieces(files: list[Path], column: str, target: int) -> list[tuple]:
             if column not in names:
                 raise ValueError(f"prepare: text column {column!r} not found in {str(f)!r}; available: {names}")
             _check_string_type(pf.schema_arrow.field(column).type, f"prepare: {str(f)!r}", column)
-            ci = names.index(column)
-            row = 0
             md = pf.metadata
+            # the leaf column of the text field (leaf indices differ from field indices after nested fields)
+            ci = next((j for j in range(md.num_columns) if md.schema.column(j).path == column), None)
+            row = 0
             for g in range(md.num_row_groups):
                 rg = md.row_group(g)
                 n = rg.num_rows
-                # the leaf column index equals the field index for a flat string column
-                est = rg.column(ci).total_uncompressed_size if ci < rg.num_columns else rg.total_byte_size
+                est = rg.column(ci).total_uncompressed_size if ci is not None else rg.total_byte_size
                 parts = max(1, math.ceil(est / target))
                 cuts = np.linspace(0, n, parts + 1).astype(np.int64)
                 for a, b in zip(cuts[:-1], cuts[1:]):
