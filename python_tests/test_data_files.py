@@ -174,6 +174,17 @@ class _FakeList:
         return self._n
 
 
+def test_offsets_check_is_a_view():
+    """The check reads the offsets buffer in place: int64 offsets (large_list) are not copied."""
+    from lengen_fast.data.source import checked_offsets
+    arr = pa.array([[1, 2], [], [3]], pa.large_list(pa.int32()))
+    offs = checked_offsets(arr, "x")
+    np.testing.assert_array_equal(offs, [0, 2, 2, 3])
+    assert np.shares_memory(offs, arr.offsets.to_numpy(zero_copy_only=True))
+    sliced = pa.array([[1], [2, 3], [4, 5, 6]], pa.large_list(pa.int32())).slice(1)
+    np.testing.assert_array_equal(checked_offsets(sliced, "x"), [1, 3, 6])  # a slice keeps its offsets
+
+
 def test_concat_chunk_on_corrupted_file_is_a_clear_error(tmp_path):
     """The issue's second symptom: concat_chunk used to end in an IndexError inside the error path."""
     p = _bad_last(tmp_path)
