@@ -1,6 +1,6 @@
 """Measure corpus preparation (issue 13): tokenize MB/s per core, and opening a 1B-token prepared directory.
 
-    python scripts/measure_prepare.py tokenize [--mb 40] [--vocab 32000] [--workers 1]
+    python scripts/measure_prepare.py tokenize [--mb 40] [--vocab 32000] [--workers 1] [--corpus stdlib|docs]
     python scripts/measure_prepare.py open1b --dir /work/tmp-1b [--tokens 1e9] [--keep]
 
 tokenize: trains a byte-level BPE (an HF fast tokenizer, the ``tokenizers`` library) on the stdlib
@@ -42,9 +42,32 @@ def _stdlib_texts(limit_mb: float):
     return out, total
 
 
+def _doc_texts(limit_mb: float):
+    """English prose that every Debian/Ubuntu machine has: the packages' copyright and README files,
+    plus the .md/.rst/.txt documentation shipped in this Python's site-packages."""
+    roots = [Path("/usr/share/doc"), Path(sysconfig.get_paths()["purelib"])]
+    files = []
+    for r in roots:
+        files += sorted(f for f in r.rglob("*") if f.is_file() and not f.is_symlink()
+                        and (f.name == "copyright" or f.suffix in (".md", ".rst", ".txt")))
+    out, total = [], 0
+    for f in files:
+        try:
+            t = f.read_bytes().decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if not t.strip():
+            continue
+        out.append(t)
+        total += len(t.encode())
+        if total >= limit_mb * 1e6:
+            break
+    return out, total
+
+
 def tokenize(args) -> None:
     from lengen_fast.data.prepare import prepare, train_bpe
-    texts, total = _stdlib_texts(args.mb)
+    texts, total = (_stdlib_texts if args.corpus == "stdlib" else _doc_texts)(args.mb)
     work = Path(tempfile.mkdtemp(prefix="lengen-prep-"))
     try:
         with open(work / "corpus.jsonl", "w") as f:
@@ -74,7 +97,7 @@ def tokenize(args) -> None:
             rates.append(m["totals"]["text_bytes"] / 1e6 / dt / args.workers)
             cpu_rates.append(m["totals"]["text_bytes"] / 1e6 / (cpu() - c0))
             shutil.rmtree(out)
-        print(f"text {total / 1e6:.1f} MB ({len(texts)} stdlib files), BPE vocab {tok.get_vocab_size()} "
+        print(f"text {total / 1e6:.1f} MB ({len(texts)} {args.corpus} files), BPE vocab {tok.get_vocab_size()} "
               f"(trained on a quarter in {t_train:.1f} s), {m['totals']['tokens']:,} tokens, workers={args.workers}")
         med = (lambda xs: sorted(xs)[len(xs) // 2])
         print(f"prepare, wall clock: {' '.join(f'{r:.2f}' for r in rates)} MB/s per worker (median {med(rates):.2f})")
@@ -171,6 +194,8 @@ def main() -> None:
     t.add_argument("--workers", type=int, default=1)
     t.add_argument("--shard-mb", type=float, default=16)
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--corpus", choices=("stdlib", "docs"), default="stdlib",
+                   help="stdlib: Python sources; docs: copyright/README/.md/.rst/.txt prose on this machine")
     o = sub.add_parser("open1b")
     o.add_argument("--dir", required=True)
     o.add_argument("--tokens", default="1e9")
