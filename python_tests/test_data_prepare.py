@@ -69,7 +69,7 @@ def test_round_trip_multi_shard(tmp_path, corpus, tok_file):
     assert m["complete"] and m["dtype"] == "uint16" and m["totals"]["docs"] == len(texts)
     assert m["totals"]["shards"] > 5 and len(list((tmp_path / "out").glob("shard-*.arrow"))) == m["totals"]["shards"]
     src = _check_round_trip(tmp_path / "out", texts, load_tokenizer(tok_file))
-    assert src.dtype == np.uint16 and src.vocab_size == m["vocab_size"]
+    assert src.dtype == np.uint16 and src.vocab_size == m["vocab_size"] and src.prepared_dir == tmp_path / "out"
     assert m["totals"]["tokens"] == src.num_tokens
     assert m["totals"]["text_bytes"] == sum(len(t.encode()) for t in texts)
     # the copied tokenizer is the one that was used
@@ -134,14 +134,20 @@ def test_trained_tokenizer_resume_and_determinism(tmp_path, corpus, monkeypatch)
     assert not read_manifest(tmp_path / "cut")["complete"]
     with pytest.raises(ValueError, match="the preparation did not finish.*rerun `lengen-data prepare`"):
         open_tokens(tmp_path / "cut")
+    # what a killed run can leave besides finished shards: a temporary and a damaged shard file
+    (tmp_path / "cut" / ".shard-00005.arrow.tmp-999").write_bytes(b"partial")
+    s1 = tmp_path / "cut" / "shard-00001.arrow"
+    s1.write_bytes(s1.read_bytes()[:100])
     calls.clear()
+
     def counting(args):
         calls.append(args[0])
         return real(args)
 
     monkeypatch.setattr(prep, "_run_task", counting)
     resumed = prepare(d, tmp_path / "cut", workers=1, **kw)
-    assert calls == list(range(3, full["totals"]["shards"]))  # the 3 finished shards were skipped
+    assert calls == [1] + list(range(3, full["totals"]["shards"]))  # finished shards 0 and 2 were skipped
+    assert not list((tmp_path / "cut").glob(".*.tmp-*"))
     assert resumed["shards"] == full["shards"]
     calls.clear()
     prepare(d, tmp_path / "cut", workers=1, **kw)  # complete: nothing to do

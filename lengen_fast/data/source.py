@@ -32,7 +32,8 @@ class TokenSource:
     """Documents of token ids viewed in place.
 
     Attributes: ``lengths`` (N,) int64, ``num_tokens``, ``num_empty``, ``dtype`` (numpy token
-    dtype), ``vocab_size`` (or None), ``has_loss_mask``.
+    dtype), ``vocab_size`` (or None), ``has_loss_mask``, ``paths`` (shard files, when opened from
+    files) and ``prepared_dir`` (when opened from a ``lengen-data prepare`` directory).
     """
 
     def __init__(self, chunks: list, column: str, mask_chunks: list | None = None,
@@ -43,6 +44,7 @@ class TokenSource:
         self._owner = owner  # keeps a memory map / table alive
         self.paths: list = []  # the shard files, when opened from files
         self._chunk_where: list[str] | None = None  # file of each chunk, named in errors
+        self.prepared_dir: Path | None = None  # a `lengen-data prepare` directory (its tokenizer.json, manifest.json)
         self._values: list[np.ndarray] = []
         self._mask_values: list[np.ndarray] = []
         lengths, addrs, chunk_ids, mask_addrs = [], [], [], []
@@ -479,8 +481,10 @@ def open_tokens(source, column: str = "input_ids", *, loss_mask_column: str | No
             if vocab_size is not None and vocab_size < m_vocab:
                 raise ValueError(f"vocab_size={vocab_size} is smaller than the prepared corpus' vocabulary "
                                  f"({m_vocab}, {str(prepared / MANIFEST_NAME)!r})")
-            return _open_shards(paths, column, loss_mask_column, vocab_size or m_vocab, expect,
-                                scan_vocab=vocab_size is not None)
+            src = _open_shards(paths, column, loss_mask_column, vocab_size or m_vocab, expect,
+                               scan_vocab=vocab_size is not None)
+            src.prepared_dir = prepared
+            return src
         if tokenizer is not None:
             raise ValueError("tokenizer= is checked against a prepared directory's manifest; "
                              f"{os.fspath(source) if not isinstance(source, (list, tuple)) else 'a list of shards'} "
