@@ -312,6 +312,33 @@ def test_prepared_directory_changes_are_refused(tmp_path, corpus, tok_file):
     assert len(open_tokens(out2)) == 2
 
 
+MANIFEST_BAD = [
+    ("not a manifest", lambda m: {"hello": 1}, ValueError, "is not a lengen-tokens manifest"),
+    ("version 2", lambda m: {**m, "version": 2}, ValueError, "has format version 2; this lengen_fast reads version 1"),
+    ("no shards", lambda m: {k: v for k, v in m.items() if k != "shards"}, ValueError, "field 'shards' is missing"),
+    ("vocab str", lambda m: {**m, "vocab_size": "320"}, ValueError, "field 'vocab_size' is missing or not a int"),
+    ("unfinished", lambda m: {**m, "complete": False}, ValueError, "the preparation did not finish"),
+    ("record without bytes", lambda m: {**m, "shards": [{k: v for k, v in m["shards"][0].items() if k != "bytes"}]},
+     ValueError, "a shard record is damaged"),
+    ("record escaping the directory", lambda m: {**m, "shards": [{**m["shards"][0], "file": "../x.arrow"}]},
+     ValueError, "a shard record is damaged"),
+    ("negative docs", lambda m: {**m, "shards": [{**m["shards"][0], "docs": -1}]}, ValueError, "damaged"),
+    ("other size", lambda m: {**m, "shards": [{**m["shards"][0], "bytes": 1}]}, ValueError,
+     r"shard-00000.arrow' changed since the manifest was written \(\d+ bytes, the manifest says 1\)"),
+    ("other counts", lambda m: {**m, "shards": [{**m["shards"][0], "docs": 3, "tokens": 5}]}, ValueError,
+     r"changed since the manifest was written \(docs \d+ != 3, tokens \d+ != 5\)"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,match", MANIFEST_BAD, ids=[c[0] for c in MANIFEST_BAD])
+def test_damaged_manifest(tmp_path, tok_file, name, mutate, exc, match):
+    m = prepare(_jsonl(tmp_path, [{"text": "alpha beta"}, {"text": "gamma"}]), tmp_path / "out",
+                tokenizer=str(tok_file), workers=1, progress=False)
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(mutate(m)))
+    with pytest.raises(exc, match=match):
+        open_tokens(tmp_path / "out")
+
+
 def test_config_is_a_dataclass():
     c = PrepareConfig(tokenizer="t.json", shard_mb=8)
     assert c.dtype == "auto" and c.workers == 0 and Path(c.tokenizer).name == "t.json"

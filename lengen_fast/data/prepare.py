@@ -489,8 +489,13 @@ def check_manifest(directory, *, column: str = COLUMN, tokenizer=None) -> tuple[
                              f"than the one requested ({tokenizer!r}, fingerprint {want})")
     paths, recs = [], []
     for rec in m["shards"]:
-        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or "/" in rec["file"]:
-            raise ValueError(f"{where}: a shard record is damaged: {rec!r}")
+        ok = (isinstance(rec, dict) and isinstance(rec.get("file"), str) and "/" not in rec["file"]
+              and rec["file"] not in ("", ".", "..") and isinstance(rec.get("lengths_hash"), str)
+              and all(isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) and rec[k] >= 0
+                      for k in ("bytes", "docs", "tokens")))
+        if not ok:
+            raise ValueError(f"{where}: a shard record is damaged (needs file, bytes, docs, tokens, lengths_hash): "
+                             f"{rec!r}")
         p = directory / rec["file"]
         if not p.is_file():
             raise FileNotFoundError(f"{where}: shard {rec['file']!r} has disappeared from {str(directory)!r}")
