@@ -15,10 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":  # run as the fuzz worker: make the checkout importable
-    sys.path.insert(0, str(ROOT))
-
+import lengen_fast  # noqa: E402  (the worker subprocess imports this same copy: see PYTHONPATH below)
 from lengen_fast.data import LoaderConfig, PackedLoader, open_tokens, synthetic_table, write_arrow  # noqa: E402
 
 DOCS = [[1, 2, 3], [], [4], [5, 6, 7, 8, 9], [10, 11]]
@@ -294,8 +291,9 @@ def test_fuzz_corrupted_files_in_subprocess(tmp_path, seed):
         w.write_table(t32)
     pq.write_table(t16, tmp_path / "orig.parquet", row_group_size=20)
     pq.write_table(t32, tmp_path / "orig.pq", row_group_size=20, compression="none")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    # the worker imports the lengen_fast this test imported (a checkout or an installed wheel)
+    pkg_root = str(Path(lengen_fast.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, __file__, str(tmp_path), str(seed), "100"], env=env,
                        capture_output=True, text=True, timeout=600)
     sig = -r.returncode if r.returncode < 0 else None

@@ -262,6 +262,15 @@ def test_prepare_bad_input(tmp_path, tok_file, name, make, exc, match):
         prepare(src, tmp_path / "out", **kw)
 
 
+def test_out_dir_inside_the_input_directory(tmp_path, tok_file):
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.jsonl").write_text(json.dumps({"text": "alpha beta"}) + "\n")
+    m = prepare(d, d / "tokens", tokenizer=str(tok_file), workers=1, progress=False)
+    again = prepare(d, d / "tokens", tokenizer=str(tok_file), workers=1, progress=False)  # manifest.json is no input
+    assert again == m and m["totals"]["docs"] == 1
+
+
 def test_uint32_when_the_vocabulary_needs_it(tmp_path):
     tok = _big_vocab_tokenizer(tmp_path)
     m = prepare(_jsonl(tmp_path, [{"text": "w1 w69999 w65536"}]), tmp_path / "out", tokenizer=tok, progress=False,

@@ -540,7 +540,11 @@ def prepare(source, out_dir, config: PrepareConfig | None = None, **overrides) -
         raise TypeError("prepare: an IterableDataset has no row count to plan shards with; materialise it "
                         "(datasets.Dataset.from_generator) or pass its files")
     target = int(c.shard_mb * 1e6)
-    files = None if dataset is not None else input_files(source)
+    files = None
+    if dataset is None:  # never read our own output back as input (out_dir inside an input directory)
+        files = [f for f in input_files(source) if out.resolve() not in f.resolve().parents]
+        if not files:
+            raise ValueError(f"prepare: no input files outside out_dir {str(out)!r}")
     pieces = (_dataset_pieces(dataset, c.text_column, target) if dataset is not None
               else _pieces(files, c.text_column, target))
     tasks = _tasks(pieces, target)
