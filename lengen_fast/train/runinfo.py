@@ -165,7 +165,7 @@ def render_header(info: dict) -> str:
     lines = [
         "## How this ran",
         "",
-        f"- command: `{info['command']}`",
+        f"- command: `{' '.join(info['command'].split())}`",  # one line (report.json keeps it exact)
         f"- processes: {procs}",
         f"- device: {dev}",
         f"- dtype: {info['dtype'] or 'n/a'}",
