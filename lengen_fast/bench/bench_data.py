@@ -43,6 +43,29 @@ def timed(fn, reps, warmup=1):
     return t, cpu
 
 
+def _decompose_other_isas(lengths, cfg) -> list[dict]:
+    """The same call on every slower instruction-set path this CPU has (LENGEN_CPU_ISA), down to the portable one
+    that a CPU without AVX2 runs: what the run-time dispatch buys here."""
+    ext = backends.cpu_ext()
+    levels = ["portable", "avx2", "avx512"]
+    best = ext.cpu_isa()
+    rows = []
+    saved = os.environ.get("LENGEN_CPU_ISA")
+    try:
+        for level in levels[:levels.index(best)]:
+            os.environ["LENGEN_CPU_ISA"] = level
+            t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=15, warmup=2)
+            rows.append(record("decompose", cfg, f"lengen C++ ({level}, threads)", t,
+                               throughput=len(lengths) / t.median_ms / 1e3, unit="Mdocs/s",
+                               note=f"LENGEN_CPU_ISA={level}; cpu_s={cpu:.3f} threads={ext.num_threads()} {_load()}"))
+    finally:
+        if saved is None:
+            os.environ.pop("LENGEN_CPU_ISA", None)
+        else:
+            os.environ["LENGEN_CPU_ISA"] = saved
+    return rows
+
+
 def bench_decompose():
     n = 200_000 if QUICK else 10_000_000
     sub = 20_000 if QUICK else 200_000
@@ -62,6 +85,7 @@ def bench_decompose():
         rows.append(record("decompose", cfg, ours, t, throughput=n / t.median_ms / 1e3,
                            unit="Mdocs/s", note=f"first call {first_ms:.1f} ms; cpu_s={cpu:.3f} "
                                             f"threads={backends.cpu_ext().num_threads()} {_load()}"))
+        rows += _decompose_other_isas(lengths, cfg)
     t, cpu = timed(lambda: decompose_numpy(lengths, 256, 8192), reps=5, warmup=2)
     rows.append(record("decompose", cfg, "numpy vectorized", t, throughput=n / t.median_ms / 1e3, unit="Mdocs/s",
                        note=f"cpu_s={cpu:.3f} {_load()}"))
