@@ -4,7 +4,7 @@ CPU benchmarks always run; the GPU ones too when a CUDA GPU is present. Rows go 
 PNG per (device, op, config) to DIR/plots, where DIR is ``--out`` (default ./lengen_bench). Works from any
 folder: the suite ships inside the wheel.
 
-    lengen-bench --out /tmp/bench --quick          # smoke run, about a minute on 2 cores
+    lengen-bench --out /tmp/bench --quick          # smoke run: small sizes, the slowest peers left out
     lengen-bench --out DIR --only data,rope        # a subset of ops
     python -m lengen_fast.bench.bench_attention --gpu-only --out DIR   # one op with its own options
 """

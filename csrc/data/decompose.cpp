@@ -204,7 +204,7 @@ inline void store_first(int32_t* dst, __m256i v, int n, bool full) {
   }
 }
 
-// The AVX-512 fill for AVX2, 8 documents per vector: set bits are left-packed with vpermd and a table,
+// The AVX-512 fill done with AVX2, 8 documents per vector: set bits are left-packed with vpermd and a table,
 // and stored with store_first.
 // l32: the block's lengths as int32, zero-padded to a multiple of 8.
 __attribute__((target(LF_TARGET_AVX2)))
