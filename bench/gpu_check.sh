@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh
 # 1. builds the extensions in place (_cuda too when nvcc exists; falls back to _C only, then to pip install -e),
 # 2. runs the GPU tests (pytest -m gpu python_tests),
-# 3. runs the GPU benchmarks (bench_attention.py --gpu-only, bench_rope.py), appending rows to bench/results.csv,
+# 3. runs the GPU benchmarks (python -m lengen_fast.bench.bench_attention --gpu-only, ...bench_rope), appending rows
+#    to bench/results.csv (the record of the published figures),
 # 4. copies the new results.csv rows and every log into $OUT when it is set.
 # Each step has its own time limit (seconds; env STEP_TIMEOUT_BUILD / _TESTS / _ATTN / _ROPE) so a hang cannot eat the
 # rest; the defaults fit one 10-minute call of a lent GPU machine. ONLY=tests,attn,rope picks steps (build always runs),
@@ -43,8 +44,9 @@ par=(); python -c "import xdist" 2>/dev/null && par=(-n "${PYTEST_WORKERS:-8}")
 tmo=(); python -c "import pytest_timeout" 2>/dev/null && tmo=(--timeout "${PYTEST_TIMEOUT:-240}")
 want tests && step pytest_gpu "${STEP_TIMEOUT_TESTS:-200}" python -m pytest -m gpu python_tests -q -rfEx \
   -p no:cacheprovider "${par[@]}" "${tmo[@]}" ${PYTEST_K:+-k "$PYTEST_K"}
-want attn && step bench_attention "${STEP_TIMEOUT_ATTN:-120}" python bench/bench_attention.py --gpu-only ${BENCH_ATTN_ARGS:-}
-want rope && step bench_rope "${STEP_TIMEOUT_ROPE:-90}" python bench/bench_rope.py
+want attn && step bench_attention "${STEP_TIMEOUT_ATTN:-120}" python -m lengen_fast.bench.bench_attention --gpu-only \
+  --out bench ${BENCH_ATTN_ARGS:-}
+want rope && step bench_rope "${STEP_TIMEOUT_ROPE:-90}" python -m lengen_fast.bench.bench_rope --out bench
 
 if [ -f "$RESULTS" ]; then
   { head -n 1 "$RESULTS"; tail -n +"$((start_rows + 1))" "$RESULTS" | grep -v '^date,'; } > "$LOGS/results_gpu.csv"

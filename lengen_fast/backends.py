@@ -127,4 +127,6 @@ def describe() -> dict:
         "triton": has_triton(),
         "cuda_available": torch.cuda.is_available(),
         "omp_threads": cpu_ext().num_threads() if cpu_ext() is not None else None,
+        # the instruction set the C++ data kernels chose at run time (LENGEN_CPU_ISA forces one)
+        "cpu_isa": cpu_ext().cpu_isa() if cpu_ext() is not None else None,
     }

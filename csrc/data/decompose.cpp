@@ -4,6 +4,9 @@
 // With the GIL released: count pieces per (thread, bucket), make one allocation for every
 // output array, then fill, so each bucket keeps document order and threads never share
 // output ranges.
+// ISA: the count and fill passes have portable, AVX2 and AVX-512 variants, chosen per call by
+// lf::cpu_isa() (common/isa.h); the SIMD ones are compiled with target attributes, so the rest of
+// the build stays at the portable baseline.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -17,7 +20,8 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__)
+#include "common/isa.h"
+#if LF_X86
 #include <immintrin.h>
 #endif
 #if defined(__linux__)
@@ -104,10 +108,11 @@ void fill_block_scalar(const int64_t* L, int64_t i0, int64_t i1, int K, int lmin
   }
 }
 
-#if defined(__AVX512F__)
+#if LF_X86
 // The same for int32 outputs (every length < 2^31), 16 documents per vector: a bucket's set bits
 // are left-packed with vpcompressd and stored with a length mask, so no store leaves the piece's
 // own slots. l32: the block's lengths as int32, zero-padded to a multiple of 16.
+__attribute__((target(LF_TARGET_AVX512)))
 void fill_block_avx512(const int32_t* l32, int64_t i0, int64_t nb, int K, int lmin, int lmax, bool remainder,
                        Cursor<int32_t>& c) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -168,30 +173,153 @@ void fill_block_avx512(const int32_t* l32, int64_t i0, int64_t nb, int K, int lm
     c.pos[K] = p;
   }
 }
+
+// kCompress8.t[m]: the lane numbers of m's set bits, left-packed, one per byte (vpermd indices):
+// AVX2 has no vpcompressd.
+struct CompressTable {
+  uint64_t t[256];
+};
+constexpr CompressTable make_compress_table() {
+  CompressTable c{};
+  for (int m = 0; m < 256; ++m) {
+    uint64_t v = 0;
+    int n = 0;
+    for (int j = 0; j < 8; ++j)
+      if ((m >> j) & 1) v |= static_cast<uint64_t>(j) << (8 * n++);
+    c.t[m] = v;
+  }
+  return c;
+}
+constexpr CompressTable kCompress8 = make_compress_table();
+
+// Stores the first n lanes of v at dst; all 8 when `full` (the caller owns dst[0, 8)): vpmaskmovd
+// is microcoded on AMD Zen 2/3 and made the fill slower than the scalar one there.
+__attribute__((target(LF_TARGET_AVX2)))
+inline void store_first(int32_t* dst, __m256i v, int n, bool full) {
+  if (full) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), v);
+  } else {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_epi32(dst, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes), v);  // masked lanes never fault
+  }
+}
+
+// The AVX-512 fill done with AVX2, 8 documents per vector: set bits are left-packed with vpermd and a table,
+// and stored with store_first.
+// l32: the block's lengths as int32, zero-padded to a multiple of 8.
+__attribute__((target(LF_TARGET_AVX2)))
+void fill_block_avx2(const int32_t* l32, int64_t i0, int64_t nb, int K, int lmin, int lmax, bool remainder,
+                     Cursor<int32_t>& c) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(8), zero = _mm256_setzero_si256();
+  const __m256i first = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(i0)), iota);
+  auto perm = [](unsigned m) {  // (8,) lane numbers of m's set bits, left-packed
+    return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kCompress8.t[m]));
+  };
+  for (int b = 0; b < K - 1 && b + lmin < 31; ++b) {  // bits >= 31 are clear in int32 lengths
+    const int sh = b + lmin;
+    const __m128i to_sign = _mm_cvtsi32_si128(31 - sh);  // moves bit sh to the sign bit for movmskps
+    const __m256i keep = _mm256_set1_epi32(static_cast<int32_t>(~((int64_t(2) << sh) - 1)));  // bits above sh
+    int32_t* db = c.doc[b];
+    int32_t* sb = c.start[b];
+    int64_t p = c.pos[b];
+    __m256i idx = first;
+    // Every slot this block can touch is this thread's: store all 8 lanes (a later store
+    // overwrites the lanes past n). Else store only the first n lanes.
+    const bool full = p + nb + 8 <= c.end[b];
+    for (int64_t j = 0; j < nb; j += 8) {
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(l32 + j));
+      const unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_sll_epi32(v, to_sign))));
+      const int n = __builtin_popcount(m);
+      const __m256i pm = _mm256_cvtepu8_epi32(perm(m));
+      store_first(db + p, _mm256_permutevar8x32_epi32(idx, pm), n, full);
+      store_first(sb + p, _mm256_permutevar8x32_epi32(_mm256_and_si256(v, keep), pm), n, full);
+      p += n;
+      idx = _mm256_add_epi32(idx, step);
+    }
+    c.pos[b] = p;
+  }
+  if (lmax < 31) {  // documents of at least max_len are few: visit them by mask
+    const __m256i below = _mm256_set1_epi32((int32_t(1) << lmax) - 1);
+    int32_t* dt = c.doc[K - 1];
+    int32_t* st = c.start[K - 1];
+    int64_t p = c.pos[K - 1];
+    for (int64_t j = 0; j < nb; j += 8) {
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(l32 + j));
+      for (unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(v, below))));
+           m; m &= m - 1) {
+        const int64_t jj = j + __builtin_ctz(m);
+        const int32_t q = l32[jj] >> lmax;
+        for (int32_t t = 0; t < q; ++t) {
+          dt[p] = static_cast<int32_t>(i0 + jj);
+          st[p++] = t << lmax;
+        }
+      }
+    }
+    c.pos[K - 1] = p;
+  }
+  if (remainder) {
+    const __m256i low = _mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>((int64_t(1) << lmin) - 1, INT32_MAX)));
+    int64_t p = c.pos[K];
+    const bool full = p + nb + 8 <= c.end[K];
+    __m256i idx = first;
+    for (int64_t j = 0; j < nb; j += 8) {
+      const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(l32 + j));
+      const __m256i r = _mm256_and_si256(v, low);
+      const unsigned m = 0xFFu & ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(r, zero))));
+      const int n = __builtin_popcount(m);
+      const __m256i pm = _mm256_cvtepu8_epi32(perm(m));
+      store_first(c.doc[K] + p, _mm256_permutevar8x32_epi32(idx, pm), n, full);
+      store_first(c.start[K] + p, _mm256_permutevar8x32_epi32(_mm256_andnot_si256(low, v), pm), n, full);
+      store_first(c.rem_len + p, _mm256_permutevar8x32_epi32(r, pm), n, full);
+      p += n;
+      idx = _mm256_add_epi32(idx, step);
+    }
+    c.pos[K] = p;
+  }
+}
+
+__attribute__((target(LF_TARGET_AVX512)))
+void fill_range_avx512(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int lmax, bool remainder,
+                       Cursor<int32_t>& c) {
+  alignas(64) int32_t l32[kBlock];
+  for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+    const int64_t nb = std::min(hi - i0, kBlock);
+    const int64_t nv = (nb + 15) & ~int64_t(15);
+    for (int64_t j = 0; j < nv; j += 8) {
+      const __mmask8 in = static_cast<__mmask8>(nb - j >= 8 ? 0xFF : (1u << std::max<int64_t>(nb - j, 0)) - 1);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(l32 + j),
+                         _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64(in, L + i0 + j)));
+    }
+    fill_block_avx512(l32, i0, nb, K, lmin, lmax, remainder, c);
+  }
+}
+
+__attribute__((target(LF_TARGET_AVX2)))
+void fill_range_avx2(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int lmax, bool remainder,
+                     Cursor<int32_t>& c) {
+  alignas(32) int32_t l32[kBlock];
+  for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+    const int64_t nb = std::min(hi - i0, kBlock);
+    const int64_t nv = (nb + 7) & ~int64_t(7);
+    for (int64_t j = 0; j < nb; ++j) l32[j] = static_cast<int32_t>(L[i0 + j]);
+    for (int64_t j = nb; j < nv; ++j) l32[j] = 0;  // padding lanes: empty documents set no bit
+    fill_block_avx2(l32, i0, nb, K, lmin, lmax, remainder, c);
+  }
+}
 #endif
 
+// The SIMD fills write int32 outputs only; int64 outputs (an index or length >= 2^31) take the scalar one.
 template <typename I>
-void fill_range(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int lmax, bool remainder, bool simd,
+void fill_range(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int lmax, bool remainder, lf::Isa isa,
                 Cursor<I>& c) {
-#if defined(__AVX512F__)
+#if LF_X86
   if constexpr (std::is_same_v<I, int32_t>) {
-    if (simd) {
-      alignas(64) int32_t l32[kBlock];
-      for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
-        const int64_t nb = std::min(hi - i0, kBlock);
-        const int64_t nv = (nb + 15) & ~int64_t(15);
-        for (int64_t j = 0; j < nv; j += 8) {
-          const __mmask8 in = static_cast<__mmask8>(nb - j >= 8 ? 0xFF : (1u << std::max<int64_t>(nb - j, 0)) - 1);
-          _mm256_store_si256(reinterpret_cast<__m256i*>(l32 + j),
-                             _mm512_cvtepi64_epi32(_mm512_maskz_loadu_epi64(in, L + i0 + j)));
-        }
-        fill_block_avx512(l32, i0, nb, K, lmin, lmax, remainder, c);
-      }
-      return;
-    }
+    if (isa == lf::Isa::kAvx512) return fill_range_avx512(L, lo, hi, K, lmin, lmax, remainder, c);
+    if (isa == lf::Isa::kAvx2) return fill_range_avx2(L, lo, hi, K, lmin, lmax, remainder, c);
   }
 #endif
-  (void)simd;
+  (void)isa;
   for (int64_t i0 = lo; i0 < hi; i0 += kBlock)
     fill_block_scalar(L, i0, std::min(hi, i0 + kBlock), K, lmin, lmax, remainder, c);
 }
@@ -205,7 +333,9 @@ struct Stats {
 
 // Blocks that stay in L1, one branch-free (vectorizable) loop per statistic and bit: random lengths
 // would mispredict a per-document set-bit loop.
-void count_block_scalar(const int64_t* L, int64_t i0, int64_t i1, int K, int lmin, int lmax, Stats& s) {
+// Inlined into a portable and an AVX2-targeted wrapper: the compiler vectorizes each for its ISA.
+__attribute__((always_inline)) inline void count_block_body(const int64_t* L, int64_t i0, int64_t i1, int K,
+                                                            int lmin, int lmax, Stats& s) {
   const int64_t low_mask = (int64_t(1) << lmin) - 1;
   int64_t top = 0, has = 0, dt = 0, mx = s.mx, sm = 0, ne = 0, ng = 0;
   for (int64_t i = i0; i < i1; ++i) {
@@ -230,30 +360,46 @@ void count_block_scalar(const int64_t* L, int64_t i0, int64_t i1, int K, int lmi
   }
 }
 
-#if defined(__AVX512F__) && defined(__AVX512VBMI__)
+void count_block_scalar(const int64_t* L, int64_t i0, int64_t i1, int K, int lmin, int lmax, Stats& s) {
+  count_block_body(L, i0, i1, K, lmin, lmax, s);
+}
+
+#if LF_X86
+__attribute__((target(LF_TARGET_AVX2)))
+void count_block_avx2(const int64_t* L, int64_t i0, int64_t i1, int K, int lmin, int lmax, Stats& s) {
+  count_block_body(L, i0, i1, K, lmin, lmax, s);
+}
+
+// ctrl(g): vpmultishiftqb control selecting bits lmin + 8g .. lmin + 8g + 7 of each 64-bit lane.
+__attribute__((target(LF_TARGET_AVX512VBMI)))
+inline __m512i multishift_ctrl(int lmin, int g) {
+  uint64_t c = 0;
+  for (int j = 0; j < 8; ++j) c |= static_cast<uint64_t>((lmin + 8 * g + j) & 63) << (8 * j);
+  return _mm512_set1_epi64(static_cast<int64_t>(c));
+}
+
+// Adds the byte counters of group g (bits lmin + 8g + j, j < 8) into s.cnt.
+__attribute__((target(LF_TARGET_AVX512VBMI)))
+inline void add_bit_counts(int g, int nbits, __m512i acc, Stats& s) {
+  alignas(64) uint8_t b[64];
+  _mm512_store_si512(b, acc);
+  for (int j = 0; j < 8 && 8 * g + j < nbits; ++j) {
+    int64_t c = 0;
+    for (int q = 0; q < 8; ++q) c += b[8 * q + j];
+    s.cnt[8 * g + j] += c;
+  }
+}
+
 // The same, 8 lengths per vector, for at most 1024 documents. Bucket bits are counted 8 at a time:
 // vpmultishiftqb moves bit lmin + 8g + j of every length into the low bit of byte j, and byte
 // counters (at most 128 per block, no overflow) are summed into the 64-bit counts at the end.
+__attribute__((target(LF_TARGET_AVX512VBMI)))
 void count_block_avx512(const int64_t* L, int64_t i0, int64_t i1, int K, int lmin, int lmax, Stats& s) {
   const int nbits = K - 1;
   const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi64(1), byte1 = _mm512_set1_epi8(1);
   const __m512i low = _mm512_set1_epi64((int64_t(1) << lmin) - 1);
-  auto ctrl = [&](int g) {
-    uint64_t c = 0;
-    for (int j = 0; j < 8; ++j) c |= static_cast<uint64_t>((lmin + 8 * g + j) & 63) << (8 * j);
-    return _mm512_set1_epi64(static_cast<int64_t>(c));
-  };
-  auto add_bits = [&](int g, __m512i acc) {
-    alignas(64) uint8_t b[64];
-    _mm512_store_si512(b, acc);
-    for (int j = 0; j < 8 && 8 * g + j < nbits; ++j) {
-      int64_t c = 0;
-      for (int q = 0; q < 8; ++q) c += b[8 * q + j];
-      s.cnt[8 * g + j] += c;
-    }
-  };
   __m512i orv = zero, mxv = zero, smv = zero, topv = zero, dtv = zero, nev = zero, hasv = zero, acc = zero;
-  const __m512i c0 = ctrl(0);
+  const __m512i c0 = multishift_ctrl(lmin, 0);
   for (int64_t i = i0; i < i1; i += 8) {
     const __mmask8 in = static_cast<__mmask8>(i1 - i >= 8 ? 0xFF : (1u << (i1 - i)) - 1);
     const __m512i v = _mm512_maskz_loadu_epi64(in, L + i);  // lanes past i1 read as empty documents
@@ -266,16 +412,16 @@ void count_block_avx512(const int64_t* L, int64_t i0, int64_t i1, int K, int lmi
     nev = _mm512_mask_add_epi64(nev, _mm512_mask_cmpeq_epi64_mask(in, v, zero), nev, one);
     acc = _mm512_add_epi8(acc, _mm512_and_si512(_mm512_multishift_epi64_epi8(c0, v), byte1));
   }
-  add_bits(0, acc);
+  add_bit_counts(0, nbits, acc, s);
   for (int g = 1; 8 * g < nbits; ++g) {
-    const __m512i cg = ctrl(g);
+    const __m512i cg = multishift_ctrl(lmin, g);
     acc = zero;
     for (int64_t i = i0; i < i1; i += 8) {
       const __mmask8 in = static_cast<__mmask8>(i1 - i >= 8 ? 0xFF : (1u << (i1 - i)) - 1);
       acc = _mm512_add_epi8(acc, _mm512_and_si512(_mm512_multishift_epi64_epi8(cg, _mm512_maskz_loadu_epi64(in, L + i)),
                                                   byte1));
     }
-    add_bits(g, acc);
+    add_bit_counts(g, nbits, acc, s);
   }
   s.cnt[K - 1] += _mm512_reduce_add_epi64(topv);
   s.cnt[K] += _mm512_reduce_add_epi64(hasv);
@@ -287,13 +433,19 @@ void count_block_avx512(const int64_t* L, int64_t i0, int64_t i1, int K, int lmi
 }
 #endif
 
-void count_range(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int lmax, bool simd, Stats& s) {
-#if defined(__AVX512F__) && defined(__AVX512VBMI__)
-  if (simd) {
+// AVX-512 without VBMI (Skylake-X) counts with the AVX2 variant.
+void count_range(const int64_t* L, int64_t lo, int64_t hi, int K, int lmin, int lmax, lf::Isa isa, Stats& s) {
+#if LF_X86
+  if (isa == lf::Isa::kAvx512 && lf::cpu_has_avx512vbmi()) {
     for (int64_t i0 = lo; i0 < hi; i0 += 1024) count_block_avx512(L, i0, std::min(hi, i0 + 1024), K, lmin, lmax, s);
     return;
   }
+  if (isa != lf::Isa::kPortable) {
+    for (int64_t i0 = lo; i0 < hi; i0 += kBlock) count_block_avx2(L, i0, std::min(hi, i0 + kBlock), K, lmin, lmax, s);
+    return;
+  }
 #endif
+  (void)isa;
   for (int64_t i0 = lo; i0 < hi; i0 += kBlock) count_block_scalar(L, i0, std::min(hi, i0 + kBlock), K, lmin, lmax, s);
 }
 
@@ -313,12 +465,13 @@ void run_threads(int nt, F&& f) {
 // lengths: (N,) int64. Returns (doc_arrays, start_arrays, rem_doc, rem_start, rem_len, dropped_tokens,
 // dropped_pieces, total_tokens, empty_docs) with one (doc, start) array pair per bucket k (piece length
 // min_len << k), int32 when all indices fit, else int64. All arrays are views of one allocation.
-// simd=false forces the scalar count and fill (the AVX-512 ones are used when compiled in).
+// simd=false forces the portable count and fill; simd=true uses lf::cpu_isa() (the CPU's best, or LENGEN_CPU_ISA).
 py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64_t min_len,
                          int64_t max_len, bool remainder, bool simd) {
   LF_CHECK(min_len >= 1 && (min_len & (min_len - 1)) == 0, "min_len must be a power of two, got " << min_len);
   LF_CHECK(max_len >= 1 && (max_len & (max_len - 1)) == 0, "max_len must be a power of two, got " << max_len);
   LF_CHECK(min_len <= max_len, "min_len (" << min_len << ") must be <= max_len (" << max_len << ")");
+  const lf::Isa isa = simd ? lf::cpu_isa() : lf::Isa::kPortable;  // may throw: before the GIL is released
   const int64_t n = lengths.shape(0);
   const int64_t* L = lengths.data();
   const int lmin = ilog2(min_len), lmax = ilog2(max_len);
@@ -341,7 +494,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
       // Thread-local counters: the shared counts rows sit on common cache lines (false sharing),
       // and a local struct lets the compiler keep them out of memory traffic aliasing L.
       Stats st;
-      count_range(L, lo, hi, K, lmin, lmax, simd, st);
+      count_range(L, lo, hi, K, lmin, lmax, isa, st);
       dpieces[t] = remainder ? 0 : st.cnt[K];
       dtok[t] = remainder ? 0 : st.dt;
       if (!remainder) st.cnt[K] = 0;
@@ -382,7 +535,7 @@ py::tuple data_decompose(py::array_t<int64_t, py::array::c_style> lengths, int64
               c.start[k] = base + off[k] + (off[k + 1] - off[k]) / 2;
             }
             c.rem_len = base + off[K + 1];
-            fill_range(L, n * t / nt, n * (t + 1) / nt, K, lmin, lmax, remainder, simd, c);
+            fill_range(L, n * t / nt, n * (t + 1) / nt, K, lmin, lmax, remainder, isa, c);
           });
         };
         if (narrow) fill(int32_t{}); else fill(int64_t{});

@@ -7,30 +7,23 @@ in TFLOP/s (flash-attn counting: forward 4 * sum(s_i^2) * H * D / 2 for causal, 
 compiled with a document block mask (compile and block-mask times reported as their own rows), SDPA per document.
 Layouts: (a) long-tailed document lengths (8k tokens on CPU, 16k on GPU), (b) 512 documents of 16 tokens.
 
-Usage: python bench/bench_attention.py [--cpu-only | --gpu-only]; LENGEN_BENCH_QUICK=1 for a smoke run.
+Usage: python -m lengen_fast.bench.bench_attention [--cpu-only | --gpu-only] [--quick] --out DIR
 """
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import measure, print_table, record  # noqa: E402
+import lengen_fast
+from lengen_fast import backends
+from lengen_fast.bench.common import add_common_args, apply_common_args, measure, print_table, quick, record
+from lengen_fast.reference import doc_ids_from_cu_seqlens, varlen_attention_ref
 
-import lengen_fast  # noqa: E402
-from lengen_fast import backends  # noqa: E402
-from lengen_fast.reference import doc_ids_from_cu_seqlens, varlen_attention_ref  # noqa: E402
-
-QUICK = os.environ.get("LENGEN_BENCH_QUICK", "0") == "1"
+QUICK = quick()
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
@@ -219,8 +212,8 @@ def flex_rows(cfg: Config, device: str, mode: str, reps: int, peak: float | None
     return rows
 
 
-def _only(providers: dict, only) -> dict:
-    return {k: f for k, f in providers.items() if only is None or k in only}
+def _only(providers: dict, only, skip=frozenset()) -> dict:
+    return {k: f for k, f in providers.items() if (only is None or k in only) and k not in skip}
 
 
 def cpu_section(only=None, layouts=("a", "b")):
@@ -228,15 +221,19 @@ def cpu_section(only=None, layouts=("a", "b")):
     H, D = (2, 32) if QUICK else (8, 64)
     reps = 3 if QUICK else 5
     print(f"CPU: {backends.describe()}, torch threads {torch.get_num_threads()}")
+    # A quick run leaves out the slowest peers (FlexAttention's compile: ~10 s per config on 2 cores; the eager
+    # reference's Python loop) unless --only names them.
+    slow_peers = {"flex_attention", "torch_reference"} if QUICK and only is None else set()
     for layout in layouts:
         cfg = Config(layout, total, H, D, "float32")
         run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd,
-                                      "sdpa_dense_mask": sdpa_dense_fwd, "torch_reference": reference_fwd}, only),
+                                      "sdpa_dense_mask": sdpa_dense_fwd, "torch_reference": reference_fwd}, only,
+                                     skip=slow_peers),
                    "fwd+bwd", reps, baseline="sdpa_per_doc")
         # FlexAttention has no CPU backward: forward passes on their own.
         run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd}, only), "fwd",
                    reps, baseline="sdpa_per_doc")
-        if only is None or "flex_attention" in only:
+        if (only is None or "flex_attention" in only) and "flex_attention" not in slow_peers:
             flex_rows(cfg, "cpu", "fwd", reps, peak=None)
 
 
@@ -259,13 +256,17 @@ def gpu_section(runs=("128:a", "128:b", "64:a", "64:b"), only=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lengen_fast.bench.bench_attention",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--cpu-only", action="store_true")
     p.add_argument("--gpu-only", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated providers, e.g. lengen_cpu,sdpa_per_doc")
     p.add_argument("--gpu-runs", default="128:a,128:b,64:a,64:b", help="GPU head_dim:layout pairs to run")
     p.add_argument("--layouts", default="a,b", help="CPU layouts to run: a (long-tailed), b (512 x 16)")
+    add_common_args(p)
     args = p.parse_args(argv)
+    global QUICK
+    QUICK = apply_common_args(args)
     if not args.gpu_only:
         cpu_section(None if args.only is None else set(args.only.split(",")), tuple(args.layouts.split(",")))
     if not args.cpu_only and torch.cuda.is_available():

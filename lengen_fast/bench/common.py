@@ -1,10 +1,12 @@
 """Shared benchmark runner: warm-up, median with p20/p80, one CSV row per measurement.
 
-Every bench_<op>.py uses :func:`measure` and :func:`record`. Rows go to bench/results.csv
-(or $LENGEN_RESULTS) with date, device, versions and the config as JSON.
+Every bench_<op>.py uses :func:`measure` and :func:`record`. Rows go to the results CSV chosen with
+``--out DIR`` (DIR/results.csv; default ./lengen_bench) or $LENGEN_RESULTS, with date, device, versions
+and the config as JSON.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -18,7 +20,32 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(os.environ.get("LENGEN_RESULTS", Path(__file__).with_name("results.csv")))
+DEFAULT_OUT = Path("lengen_bench")  # relative to the working directory: never inside the installed package
+
+
+def results_path() -> Path:
+    """The CSV rows go to: $LENGEN_RESULTS (set by ``--out``), else ./lengen_bench/results.csv."""
+    return Path(os.environ.get("LENGEN_RESULTS") or DEFAULT_OUT / "results.csv")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """``--out DIR`` and ``--quick``, shared by every bench module and ``lengen-bench``."""
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"write results.csv here (default: $LENGEN_RESULTS's folder, else ./{DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run (also LENGEN_BENCH_QUICK=1)")
+
+
+def apply_common_args(args: argparse.Namespace) -> bool:
+    """Point results_path() at ``--out`` and return whether this is a quick run."""
+    if args.out is not None:
+        os.environ["LENGEN_RESULTS"] = str(Path(args.out) / "results.csv")
+    if args.quick:
+        os.environ["LENGEN_BENCH_QUICK"] = "1"
+    return quick()
+
+
+def quick() -> bool:
+    return os.environ.get("LENGEN_BENCH_QUICK", "0") == "1"
 FIELDS = ["date", "device", "torch", "triton", "lengen", "op", "config", "provider",
           "median_ms", "p20_ms", "p80_ms", "throughput", "unit", "ratio_to_peak", "note"]
 
@@ -100,7 +127,7 @@ def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: in
         times.append((time.perf_counter() - t0) * 1e3)
         if time.perf_counter() - start > max_time_s and len(times) >= 3:
             break
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
     return Timing(statistics.median(times), q[1], q[7], times)
 
 
@@ -108,7 +135,7 @@ def record(op: str, config: dict, provider: str, t: Timing, *, device="cpu",
            throughput: float | None = None, unit: str = "", ratio_to_peak: float | None = None,
            note: str = "", path: Path | None = None) -> dict:
     """Append one measurement row to results.csv and return it."""
-    path = Path(path or RESULTS)
+    path = Path(path or results_path())
     row = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": device_name(device),
            **versions(), "op": op, "config": json.dumps(config, sort_keys=True),
            "provider": provider, "median_ms": f"{t.median_ms:.4f}", "p20_ms": f"{t.p20_ms:.4f}",

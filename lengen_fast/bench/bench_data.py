@@ -1,35 +1,34 @@
 """Data pipeline benchmarks: decomposition, BFD packing, batch assembly from a memory-mapped file.
 
 Each provider of one table runs in the same process, one after another, and the tables print
-ratios to our implementation. Rows go to bench/results.csv. The note column carries the
+ratios to our implementation. Rows go to --out DIR/results.csv (see common.py). The note column carries the
 process CPU seconds and the 1-minute load average, because the 2-core CI machine is shared:
 wall-clock times there depend on the neighbours, CPU seconds much less.
 
-    python bench/bench_data.py            # full sizes (10M documents)
-    python bench/bench_data.py decompose  # one section (decompose, bfd, gather)
-    LENGEN_BENCH_QUICK=1 python bench/bench_data.py
+    python -m lengen_fast.bench.bench_data --out DIR            # full sizes (10M documents)
+    python -m lengen_fast.bench.bench_data decompose --out DIR  # one section (decompose, bfd, gather)
+    python -m lengen_fast.bench.bench_data --quick --out DIR    # small sizes
 """
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, measure, print_table, record  # noqa: E402
+from lengen_fast import backends
+from lengen_fast.bench.common import (Timing, add_common_args, apply_common_args, measure, print_table, quick,
+                                      record)
+from lengen_fast.data import (LoaderConfig, PackedLoader, concat_chunk, decompose, decompose_numpy, decompose_ref,
+                              open_tokens, pack_bfd, pack_bfd_ref, pack_first_fit_ref, synthetic_lengths,
+                              synthetic_table, write_arrow)
 
-from lengen_fast import backends  # noqa: E402
-from lengen_fast.data import (LoaderConfig, PackedLoader, concat_chunk, decompose, decompose_numpy,  # noqa: E402
-                              decompose_ref, open_tokens, pack_bfd, pack_bfd_ref, pack_first_fit_ref,
-                              synthetic_lengths, synthetic_table, write_arrow)
-
-QUICK = os.environ.get("LENGEN_BENCH_QUICK", "0") == "1"
+QUICK = quick()
 
 
 def _load() -> str:
@@ -44,13 +43,38 @@ def timed(fn, reps, warmup=1):
     return t, cpu
 
 
+def _decompose_other_isas(lengths, cfg) -> list[dict]:
+    """The same call on every slower instruction-set path this CPU has (LENGEN_CPU_ISA), down to the portable one
+    that a CPU without AVX2 runs: what the run-time dispatch buys here."""
+    ext = backends.cpu_ext()
+    levels = ["portable", "avx2", "avx512"]
+    best = ext.cpu_isa()
+    rows = []
+    saved = os.environ.get("LENGEN_CPU_ISA")
+    try:
+        for level in levels[:levels.index(best)]:
+            os.environ["LENGEN_CPU_ISA"] = level
+            t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=15, warmup=2)
+            rows.append(record("decompose", cfg, f"lengen C++ ({level}, threads)", t,
+                               throughput=len(lengths) / t.median_ms / 1e3, unit="Mdocs/s",
+                               note=f"LENGEN_CPU_ISA={level}; cpu_s={cpu:.3f} threads={ext.num_threads()} {_load()}"))
+    finally:
+        if saved is None:
+            os.environ.pop("LENGEN_CPU_ISA", None)
+        else:
+            os.environ["LENGEN_CPU_ISA"] = saved
+    return rows
+
+
 def bench_decompose():
     n = 200_000 if QUICK else 10_000_000
     sub = 20_000 if QUICK else 200_000
     lengths = synthetic_lengths(n, "lognormal", seed=0, mean=1000, sigma=1.2)
     cfg = {"n_docs": n, "dist": "lognormal(mean=1000, sigma=1.2)", "min_len": 256, "max_len": 8192}
     rows = []
+    ours = None
     if backends.cpu_ext() is not None:
+        ours = f"lengen C++ ({backends.cpu_ext().cpu_isa()}, threads)"  # the instruction set chosen at run time
         # The first call is timed on its own: its 85 MB of output pages are new to the process. On the
         # CI VM new pages are backed lazily by the host, which costs up to 4x the steady state for the
         # first few calls, so 4 more warm-up calls precede the 15 timed ones.
@@ -58,9 +82,10 @@ def bench_decompose():
         decompose(lengths, 256, 8192, backend="cpu")
         first_ms = (time.perf_counter() - t0) * 1e3
         t, cpu = timed(lambda: decompose(lengths, 256, 8192, backend="cpu"), reps=15, warmup=4)
-        rows.append(record("decompose", cfg, "lengen C++ (AVX-512, threads)", t, throughput=n / t.median_ms / 1e3,
+        rows.append(record("decompose", cfg, ours, t, throughput=n / t.median_ms / 1e3,
                            unit="Mdocs/s", note=f"first call {first_ms:.1f} ms; cpu_s={cpu:.3f} "
                                             f"threads={backends.cpu_ext().num_threads()} {_load()}"))
+        rows += _decompose_other_isas(lengths, cfg)
     t, cpu = timed(lambda: decompose_numpy(lengths, 256, 8192), reps=5, warmup=2)
     rows.append(record("decompose", cfg, "numpy vectorized", t, throughput=n / t.median_ms / 1e3, unit="Mdocs/s",
                        note=f"cpu_s={cpu:.3f} {_load()}"))
@@ -74,7 +99,7 @@ def bench_decompose():
                        unit="Mdocs/s", note=f"timed on the first {sub:,} docs and scaled x{scale:.0f}; "
                                             f"cpu_s={cpu * scale:.2f} (scaled) {_load()}"))
     print(f"\ndecompose {n:,} lognormal lengths (256..8192)")
-    print_table(rows, baseline="lengen C++ (AVX-512, threads)" if backends.cpu_ext() is not None else None)
+    print_table(rows, baseline=ours)
     return rows
 
 
@@ -138,7 +163,7 @@ def _rss_mb() -> float:
 
 def _timing(times_s) -> Timing:
     ms = sorted(t * 1e3 for t in times_s)
-    q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else [ms[0]] * 9
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) >= 2 else [ms[0]] * 9
     return Timing(statistics.median(ms), q[1], q[7], ms)
 
 
@@ -197,12 +222,21 @@ def bench_gather():
     return rows
 
 
-def main():
+SECTIONS = ("decompose", "bfd", "gather")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lengen_fast.bench.bench_data", description=__doc__.splitlines()[0])
+    p.add_argument("sections", nargs="*", metavar="SECTION", help=f"any of {', '.join(SECTIONS)} (default: all)")
+    add_common_args(p)
+    args = p.parse_args(argv)
+    global QUICK
+    QUICK = apply_common_args(args)
     sections = {"decompose": bench_decompose, "bfd": bench_bfd, "gather": bench_gather}
-    names = sys.argv[1:] or list(sections)
-    unknown = sorted(set(names) - set(sections))
+    names = args.sections or list(SECTIONS)
+    unknown = sorted(set(names) - set(SECTIONS))
     if unknown:
-        raise SystemExit(f"unknown sections {unknown}; choose from {list(sections)}")
+        p.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     print(backends.describe())
     for name in names:
         sections[name]()

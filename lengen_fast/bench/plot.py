@@ -1,9 +1,10 @@
-"""Render bench/results.csv as PNGs: one bar chart per (device, op, config) group.
+"""Render a results.csv as PNGs: one bar chart per (device, op, config) group.
 
 Each chart shows the latest row of every provider in the group, as throughput when the rows
 carry one (same unit), else as median time with p20/p80 whiskers.
 
-    python bench/plot.py [--results bench/results.csv] [--out bench/plots] [--op data]
+    python -m lengen_fast.bench.plot [--results lengen_bench/results.csv] [--out RESULTS_DIR/plots] [--op data]
+    python -m lengen_fast.bench.plot --results bench/results.csv --out bench/plots   (the published figures)
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
+from lengen_fast.bench.common import results_path  # noqa: E402
 
 
 def load(path: Path) -> list[dict]:
@@ -75,12 +76,12 @@ def plot_group(key, provs: dict, out_dir: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--results", default=str(HERE / "results.csv"))
-    p.add_argument("--out", default=str(HERE / "plots"))
+    p = argparse.ArgumentParser(prog="python -m lengen_fast.bench.plot", description=__doc__.splitlines()[0])
+    p.add_argument("--results", default=str(results_path()), help="the CSV to plot (default: %(default)s)")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: plots/ next to the CSV)")
     p.add_argument("--op", default=None, help="only this op")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(args.results).parent / "plots"
     out.mkdir(parents=True, exist_ok=True)
     for key, provs in groups(load(Path(args.results)), args.op).items():
         print(plot_group(key, provs, out))

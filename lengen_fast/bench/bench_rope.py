@@ -1,67 +1,63 @@
 """RoPE on packed batches (50-2000 documents, 16k-128k tokens): ours vs Hugging Face-style eager and,
 on a GPU, vs a Triton kernel that reads a cos/sin cache with a per-document grid (flash-attn rotary style).
 
-  python bench/bench_rope.py             (LENGEN_BENCH_QUICK=1 for a smoke run)
+  python -m lengen_fast.bench.bench_rope --out DIR       (--quick for a smoke run)
 
 Throughput is bytes of q and k read and written per second; on a GPU also as a fraction of HBM peak.
-Every measurement appends a row to bench/results.csv.
+Every measurement appends a row to DIR/results.csv (see common.py).
 """
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
+import argparse
 
 import torch
-import triton
-import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lengen_fast import RopeScaling, apply_rope, backends, rope_frequencies
+from lengen_fast.bench.common import add_common_args, apply_common_args, measure, print_table, quick, record
+from lengen_fast.reference import apply_rope_ref, positions_from_cu_seqlens, rope_cos_sin_ref, rotate_half
 
-from common import measure, print_table, record  # noqa: E402
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the cos/sin-cache peer runs only on a CUDA GPU, where triton is installed
+    triton = None
 
-from lengen_fast import backends  # noqa: E402
-from lengen_fast.reference import (apply_rope_ref, positions_from_cu_seqlens, rope_cos_sin_ref,  # noqa: E402
-                                   rotate_half)
-from lengen_fast.rope import RopeScaling, apply_rope, rope_frequencies  # noqa: E402
-
-QUICK = os.environ.get("LENGEN_BENCH_QUICK") == "1"
+QUICK = quick()
 HBM_PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # SXM datasheet figures
 
 
 # ------------------------------------------------------------------ peer: cos/sin cache + per-document grid
 
-@triton.jit
-def _rotary_cache_kernel(X, COS, SIN, CU, sx_t, sx_h, R2: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    # grid (cdiv(max_seqlen, BLOCK_M), num_docs, heads), as flash-attn's rotary kernel in varlen mode:
-    # programs past their document's length exit at once. NeoX layout, in place.
-    pid_m, doc, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start = tl.load(CU + doc)
-    seqlen = tl.load(CU + doc + 1) - start
-    if pid_m * BLOCK_M >= seqlen:
-        return
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.arange(0, BLOCK_K)
-    mask = (rm[:, None] < seqlen) & (rk[None, :] < R2)
-    cos = tl.load(COS + rm[:, None] * R2 + rk[None, :], mask=mask, other=1.0).to(tl.float32)
-    sin = tl.load(SIN + rm[:, None] * R2 + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-    base = X + (start + rm[:, None]).to(tl.int64) * sx_t + h * sx_h + rk[None, :]
-    x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(base + R2, mask=mask, other=0.0).to(tl.float32)
-    tl.store(base, (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=mask)
-    tl.store(base + R2, (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=mask)
+if triton is not None:
+    @triton.jit
+    def _rotary_cache_kernel(X, COS, SIN, CU, sx_t, sx_h, R2: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        # grid (cdiv(max_seqlen, BLOCK_M), num_docs, heads), as flash-attn's rotary kernel in varlen mode:
+        # programs past their document's length exit at once. NeoX layout, in place.
+        pid_m, doc, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(CU + doc)
+        seqlen = tl.load(CU + doc + 1) - start
+        if pid_m * BLOCK_M >= seqlen:
+            return
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.arange(0, BLOCK_K)
+        mask = (rm[:, None] < seqlen) & (rk[None, :] < R2)
+        cos = tl.load(COS + rm[:, None] * R2 + rk[None, :], mask=mask, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + rm[:, None] * R2 + rk[None, :], mask=mask, other=0.0).to(tl.float32)
+        base = X + (start + rm[:, None]).to(tl.int64) * sx_t + h * sx_h + rk[None, :]
+        x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + R2, mask=mask, other=0.0).to(tl.float32)
+        tl.store(base, (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=mask)
+        tl.store(base + R2, (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=mask)
 
-
-def rotary_cache_triton(q, k, cos, sin, cu, max_seqlen):
-    """In place on (T, H, D) q and k, one launch each (flash-attn applies q and k separately)."""
-    r2 = cos.shape[1]
-    for x in (q, k):
-        grid = (triton.cdiv(max_seqlen, 64), cu.numel() - 1, x.shape[1])
-        _rotary_cache_kernel[grid](x, cos, sin, cu, x.stride(0), x.stride(1), R2=r2, BLOCK_M=64,
-                                   BLOCK_K=triton.next_power_of_2(r2))
-    return q, k
+    def rotary_cache_triton(q, k, cos, sin, cu, max_seqlen):
+        """In place on (T, H, D) q and k, one launch each (flash-attn applies q and k separately)."""
+        r2 = cos.shape[1]
+        for x in (q, k):
+            grid = (triton.cdiv(max_seqlen, 64), cu.numel() - 1, x.shape[1])
+            _rotary_cache_kernel[grid](x, cos, sin, cu, x.stride(0), x.stride(1), R2=r2, BLOCK_M=64,
+                                       BLOCK_K=triton.next_power_of_2(r2))
+        return q, k
 
 
 # ------------------------------------------------------------------ workloads
@@ -108,7 +104,7 @@ def run(device: str, Hq: int, Hk: int, D: int, dtype: torch.dtype):
                 providers[f"lengen_{b}"] = (lambda b=b: apply_rope(q, k, cu_seqlens=cu, base=500000.0,
                                                                    scaling=scaling, backend=b))
         want = apply_rope_ref(q, k, pos, inv, af)
-        if dev.type == "cuda":
+        if dev.type == "cuda" and triton is not None:
             freqs = torch.arange(max_seqlen, device=dev, dtype=torch.float32)[:, None] * inv[None, :]
             cc, sc = (freqs.cos() * af).to(dtype), (freqs.sin() * af).to(dtype)      # (max_seqlen, R/2)
             qc, kc = q.clone(), k.clone()
@@ -132,7 +128,11 @@ def run(device: str, Hq: int, Hk: int, D: int, dtype: torch.dtype):
         print_table(rows, baseline="hf_eager")
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m lengen_fast.bench.bench_rope", description=__doc__.splitlines()[0])
+    add_common_args(p)
+    global QUICK
+    QUICK = apply_common_args(p.parse_args(argv))
     torch.manual_seed(0)
     if QUICK:
         run("cpu", 4, 2, 64, torch.bfloat16)
