@@ -53,8 +53,14 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
         j <= i + (s_k - s_q) + right  (right = 0 when causal)   and   j >= i + (s_k - s_q) - left,
         with -1 meaning unbounded (causal masks are aligned bottom-right);
       * scores s = (q.k) * softmax_scale, then softcap * tanh(s / softcap) when softcap > 0;
-      * a query row with no visible key outputs 0 and has lse = +inf (as flash-attn);
+      * a query row with no visible key outputs 0 and has lse = +inf (as flash-attn); a visible key whose
+        score is -inf weighs 0, so a row whose visible scores are all -inf counts as having none;
       * tokens at or after cu_seqlens_q[-1] output 0 with lse = +inf.
+    Non-finite inputs (IEEE arithmetic, confined to what depends on them; see notes/attention.md):
+      * a NaN (or +inf) score of a visible key makes its row's out and lse NaN; a NaN q[i] does so to row i;
+      * a non-finite v[j, :, d] reaches out[i, :, d] exactly for the rows i that see key j (p * v over visible
+        keys only: the 0 * NaN of a masked key never reaches a row that cannot see it);
+      * nothing crosses documents, windows or the causal boundary.
     Returns out (total_q, H, D) in q.dtype, and lse (H, total_q) fp32 when return_lse.
     """
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
@@ -89,12 +95,28 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
         if left >= 0:
             visible &= j >= i - left
         s = s.masked_fill(~visible, float("-inf"))
+        empty = s.amax(dim=-1) == float("-inf")                                     # (H, sq) no key (NaN: not empty)
+        p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)             # NaN rows stay NaN
+        out[q0:q1] = _probs_times_values(p, vd, visible).transpose(0, 1)
         row_lse = torch.logsumexp(s.float(), dim=-1)                                # (H, sq)
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)                                # empty rows -> 0
-        out[q0:q1] = (p @ vd).transpose(0, 1)
-        lse[:, q0:q1] = torch.where(torch.isfinite(row_lse), row_lse, torch.full_like(row_lse, float("inf")))
+        row_lse = row_lse.masked_fill(p.isnan().any(dim=-1), float("nan"))         # +inf score: NaN as out
+        lse[:, q0:q1] = row_lse.masked_fill(empty, float("inf"))
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _probs_times_values(p, vd, visible):
+    """p @ vd (H, sq, D) summed over visible keys only: p (H, sq, sk) is 0 at masked keys, and a plain matmul
+    would still carry 0 * NaN (or 0 * inf) from a masked key's value into the row. Finite values take the
+    matmul; the non-finite ones (rare) are added per visible (row, key) pair."""
+    bad = ~torch.isfinite(vd)                                                       # (H, sk, D)
+    if not bool(bad.any()):
+        return p @ vd
+    cols = bad.any(dim=-1).any(dim=0).nonzero()[:, 0]                                # keys with a non-finite value
+    out = p @ vd.masked_fill(bad, 0.0)
+    vb = vd[:, cols].masked_fill(~bad[:, cols], 0.0)                                 # (H, J, D) non-finite only
+    terms = p[:, :, cols, None] * vb[:, None]                                        # (H, sq, J, D)
+    return out + torch.where(visible[None, :, cols, None], terms, torch.zeros_like(terms)).sum(dim=2)
 
 
 # ================================================================================= rope

@@ -41,8 +41,10 @@ inline vf vload(const float* p) {
 inline void vstore(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 inline vf splat(float a) { return vf{} + a; }
 
-// exp(x) for a vector (Cephes expf polynomial, ~1 ulp); x <= -87 (including -inf) gives exactly 0.
+// exp(x) for a vector (Cephes expf polynomial, ~1 ulp); x <= -87 (including -inf) gives exactly 0, NaN gives NaN
+// (a NaN score must reach its row's output, not vanish as a zero weight).
 inline vf vexp(vf x) {
+  const vf x0 = x;
   const vi keep = x > splat(-87.0f);
   x = x < splat(88.0f) ? x : splat(88.0f);
   x = x > splat(-87.5f) ? x : splat(-87.5f);
@@ -64,7 +66,7 @@ inline vf vexp(vf x) {
   std::memcpy(&bits, &y, sizeof bits);
   bits &= keep;
   std::memcpy(&y, &bits, sizeof y);
-  return y;
+  return x0 == x0 ? y : x0;
 }
 
 // C[r][c] = sum_{d<D} A[r][d] * Bt[d][c] for r < R (R % 4 == 0), c < VW * NV.
@@ -174,6 +176,12 @@ void mm_tn_acc(const float* PT, const float* V, float* O, int Dp, int R, int J) 
 }
 
 inline int round4(int n) { return (n + 3) & ~3; }
+
+inline bool all_finite(const float* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
+  return ok;
+}
 
 // ---- element access in any of the three dtypes ----------------------------------------------------------------
 
@@ -347,6 +355,26 @@ inline void softcap_row(float* s, int n, float cap, float* t) {
   }
 }
 
+// O (R, Dp) += P^T V for one (q tile, key tile) of doc d, over visible (query, key) pairs only where V (nk, Dp) is
+// non-finite: the finite part goes through the matmul (non-finite entries zeroed in place), the rest per pair.
+void accumulate_confined(const Doc& d, int64_t i0, int64_t j0, int nq, int nk, int Dp, const float* PT, float* V,
+                         float* O) {
+  std::vector<float> bad(V, V + static_cast<size_t>(nk) * Dp);
+  for (size_t i = 0; i < bad.size(); ++i) {
+    if (std::isfinite(V[i])) bad[i] = 0.0f;
+    else V[i] = 0.0f;
+  }
+  mm_tn_acc(PT, V, O, Dp, round4(nq), nk);
+  for (int r = 0; r < nk; ++r) {
+    const float* b = bad.data() + static_cast<int64_t>(r) * Dp;
+    if (all_finite(b, Dp)) continue;
+    for (int c = 0; c < nq; ++c)
+      if (d.visible(i0 + c, j0 + r))
+        for (int e = 0; e < Dp; ++e)
+          if (!std::isfinite(b[e])) O[c * Dp + e] += PT[r * LDT + c] * b[e];
+  }
+}
+
 }  // namespace
 
 // ================================================================================================= forward
@@ -435,11 +463,17 @@ void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Stride
         for (int c = 0; c < nq; ++c)
           if (alpha[c] != 1.0f)
             for (int e = 0; e < Dp; ++e) O[c * Dp + e] *= alpha[c];
-        mm_tn_acc(ST, Vr, O, Dp, R, nk);
+        if (full || all_finite(Vr, static_cast<int64_t>(nk) * Dp)) {
+          mm_tn_acc(ST, Vr, O, Dp, R, nk);
+        } else {
+          // A tile that straddles the mask with a non-finite value: the matmul would carry 0 * NaN from a masked
+          // key into rows that cannot see it. Finite values take the matmul; non-finite ones only visible rows.
+          accumulate_confined(d, i0, j0, nq, nk, Dp, ST, Vr, O);
+        }
       }
       for (int r = 0; r < nq; ++r) {
         const int64_t t = d.q0 + i0 + r;
-        const bool any = l[r] > 0.0f;
+        const bool any = l[r] != 0.0f;  // NaN: the row saw a NaN, which must reach out and lse
         store_vec(out, p.dtype, (t * H + h) * D, D, any ? 1.0f / l[r] : 0.0f, O + r * Dp);
         lse[h * Tq + t] = any ? m[r] + std::log(l[r]) : kInf;
       }

@@ -119,6 +119,33 @@ def scores(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr)
 
 
 @triton.jit
+def pv_confined(acc, p, v, vis, DOT_PREC: tl.constexpr):
+    """acc + p @ v (BM, D) for a key tile that straddles the mask, summed over visible (row, key) pairs only.
+
+    p (BM, BN) is 0 at masked keys, but the dot would still carry 0 * NaN (or 0 * inf) from a masked key's value
+    into a row that cannot see it. All-finite tiles (the usual case) take the plain dot. Otherwise the finite
+    values take the dot and the non-finite ones are added per visible pair, as IEEE sums them: counts of
+    NaN / +inf / -inf values seen with weight > 0 (and of +-inf seen with weight 0, which is 0 * inf = NaN) come
+    from 0/1 dots, exact in fp32. Only tiles of phases 0 and 2 (mask boundaries) pay the all-finite check."""
+    v32 = v.to(tl.float32)
+    finite = tl.abs(v32) < float("inf")                                            # False for NaN and +-inf
+    n_bad = tl.sum(tl.sum(tl.where(finite, 0, 1), 1), 0)
+    if n_bad == 0:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    else:
+        acc = tl.dot(p.to(v.dtype), tl.where(finite, v32, 0.0).to(v.dtype), acc, input_precision=DOT_PREC)
+        pos = (vis & (p > 0)).to(tl.float16)                                       # (BM, BN) weight > 0
+        zero = (vis & (p == 0)).to(tl.float16)                                     # (BM, BN) visible, weight 0
+        nan_hits = tl.dot(zero, (finite == 0).to(tl.float16)) + tl.dot(pos, (v32 != v32).to(tl.float16))
+        pinf = tl.dot(pos, (v32 == float("inf")).to(tl.float16))
+        ninf = tl.dot(pos, (v32 == -float("inf")).to(tl.float16))
+        acc = tl.where(pinf > 0, acc + float("inf"), acc)
+        acc = tl.where(ninf > 0, acc - float("inf"), acc)
+        acc = tl.where(nan_hits > 0, float("nan"), acc)
+    return acc
+
+
+@triton.jit
 def visible(rows, cols, diff, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Broadcast mask of (rows, cols) index tensors (e.g. (BM, 1) and (1, BN)): query i sees key j iff
     i + diff - left <= j <= i + diff + right, with diff = s_k - s_q (bottom-right alignment)."""
