@@ -127,13 +127,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+# The accurate range of the fp32 RoPE kernels: positions |p| < 2^24 (exact in fp32, and distinct from 2^24 + 1), and their range reduction
+# holds for angles |position * inv_freq| up to 6.5e6 rad. Outside it every backend returns NaN for that angle
+# (the public API refuses such positions wherever it can see them without a device sync); never a wrong rotation.
+ROPE_MAX_POSITION = 2**24
+ROPE_MAX_ANGLE = 6.5e6
+
+
 def rope_cos_sin_ref(positions, inv_freq, attention_factor=1.0, *, interleaved=False, dtype=torch.float32):
     """The Hugging Face cos/sin cache: (T, rotary_dim) each, scaled by attention_factor.
 
     positions: (T,) int; inv_freq: (rotary_dim // 2,). Angles are formed in ``dtype``
-    (fp32 by default; fp64 for a high-precision truth).
+    (fp32 by default; fp64 for a high-precision truth). Angles outside the accurate range
+    (|position| >= ROPE_MAX_POSITION or |angle| > ROPE_MAX_ANGLE) give NaN.
     """
     freqs = positions.to(dtype)[:, None] * inv_freq.to(dtype)[None, :]             # (T, R/2)
+    out_of_range = (positions.abs() >= ROPE_MAX_POSITION)[:, None] | (freqs.abs() > ROPE_MAX_ANGLE)
+    freqs = freqs.masked_fill(out_of_range, float("nan"))
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * attention_factor, emb.sin() * attention_factor
 
