@@ -60,7 +60,8 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
       * a NaN (or +inf) score of a visible key makes its row's out and lse NaN; a NaN q[i] does so to row i;
       * a non-finite v[j, :, d] reaches out[i, :, d] exactly for the rows i that see key j (p * v over visible
         keys only: the 0 * NaN of a masked key never reaches a row that cannot see it);
-      * nothing crosses documents, windows or the causal boundary.
+      * nothing crosses documents, windows or the causal boundary, in the forward and the backward (the
+        gradients sum over visible pairs only: _ConfinedScores, _ConfinedPV).
     Returns out (total_q, H, D) in q.dtype, and lse (H, total_q) fp32 when return_lse.
     """
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
@@ -84,9 +85,6 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
         qd = q[q0:q1].to(cdt).transpose(0, 1)                                      # (H, sq, D)
         kd = k[k0:k1].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)       # (H, sk, D)
         vd = v[k0:k1].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)       # (H, sk, D)
-        s = (qd @ kd.transpose(1, 2)) * scale                                       # (H, sq, sk)
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
         i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
         j = torch.arange(sk, device=q.device)[None, :]
         visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
@@ -94,10 +92,13 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
             visible &= j <= i + right
         if left >= 0:
             visible &= j >= i - left
+        s = _ConfinedScores.apply(qd, kd, visible) * scale                          # (H, sq, sk)
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
         s = s.masked_fill(~visible, float("-inf"))
         empty = s.amax(dim=-1) == float("-inf")                                     # (H, sq) no key (NaN: not empty)
         p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)             # NaN rows stay NaN
-        out[q0:q1] = _probs_times_values(p, vd, visible).transpose(0, 1)
+        out[q0:q1] = _ConfinedPV.apply(p, vd, visible).transpose(0, 1)
         row_lse = torch.logsumexp(s.float(), dim=-1)                                # (H, sq)
         row_lse = row_lse.masked_fill(p.isnan().any(dim=-1), float("nan"))         # +inf score: NaN as out
         lse[:, q0:q1] = row_lse.masked_fill(empty, float("inf"))
@@ -105,18 +106,62 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
     return (out, lse) if return_lse else out
 
 
-def _probs_times_values(p, vd, visible):
-    """p @ vd (H, sq, D) summed over visible keys only: p (H, sq, sk) is 0 at masked keys, and a plain matmul
-    would still carry 0 * NaN (or 0 * inf) from a masked key's value into the row. Finite values take the
-    matmul; the non-finite ones (rare) are added per visible (row, key) pair."""
-    bad = ~torch.isfinite(vd)                                                       # (H, sk, D)
+def _confined_mm(a, b, mask):
+    """sum_j a[h, i, j] * b[h, j, d] over the pairs (i, j) where mask[i, j], in IEEE arithmetic: (H, m, d).
+
+    a (H, m, n), b (H, n, d), mask (m, n) bool. A plain matmul would also carry 0 * NaN (or 0 * inf) from the
+    pairs outside the mask. Finite values of b take the matmul (a zeroed outside the mask); its non-finite values
+    (rare) are added per pair inside the mask."""
+    a = a.masked_fill(~mask, 0.0)
+    bad = ~torch.isfinite(b)                                                         # (H, n, d)
     if not bool(bad.any()):
-        return p @ vd
-    cols = bad.any(dim=-1).any(dim=0).nonzero()[:, 0]                                # keys with a non-finite value
-    out = p @ vd.masked_fill(bad, 0.0)
-    vb = vd[:, cols].masked_fill(~bad[:, cols], 0.0)                                 # (H, J, D) non-finite only
-    terms = p[:, :, cols, None] * vb[:, None]                                        # (H, sq, J, D)
-    return out + torch.where(visible[None, :, cols, None], terms, torch.zeros_like(terms)).sum(dim=2)
+        return a @ b
+    cols = bad.any(dim=-1).any(dim=0).nonzero()[:, 0]                                # j with a non-finite b[j]
+    out = a @ b.masked_fill(bad, 0.0)
+    bb = b[:, cols].masked_fill(~bad[:, cols], 0.0)                                  # (H, J, d) non-finite only
+    terms = a[:, :, cols, None] * bb[:, None]                                        # (H, m, J, d)
+    return out + torch.where(mask[None, :, cols, None], terms, torch.zeros_like(terms)).sum(dim=2)
+
+
+class _ConfinedScores(torch.autograd.Function):
+    """s = q @ k^T (H, sq, sk) whose backward sums over visible (query, key) pairs only: dq = dS k and
+    dk = dS^T q through _confined_mm, so a NaN q or k reaches only the gradients of tokens that see it."""
+
+    @staticmethod
+    def forward(q, k, mask):
+        return q @ k.transpose(1, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, mask = inputs
+        ctx.save_for_backward(q, k)
+        ctx.mask = mask
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        return _confined_mm(g, k, ctx.mask), _confined_mm(g.transpose(1, 2), q, ctx.mask.T), None
+
+
+class _ConfinedPV(torch.autograd.Function):
+    """out = p @ v (H, sq, D) over visible pairs only (see _confined_mm), forward and backward (dp = dO v^T on
+    visible pairs, dv = p^T dO over the rows that see each key)."""
+
+    @staticmethod
+    def forward(p, v, mask):
+        return _confined_mm(p, v, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, v, mask = inputs
+        ctx.save_for_backward(p, v)
+        ctx.mask = mask
+
+    @staticmethod
+    def backward(ctx, g):
+        p, v = ctx.saved_tensors
+        dp = (g @ v.transpose(1, 2)).masked_fill(~ctx.mask, 0.0)
+        return dp, _confined_mm(p.transpose(1, 2), g, ctx.mask.T), None
 
 
 # ================================================================================= rope

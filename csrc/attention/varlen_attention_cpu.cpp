@@ -355,23 +355,27 @@ inline void softcap_row(float* s, int n, float cap, float* t) {
   }
 }
 
-// O (R, Dp) += P^T V for one (q tile, key tile) of doc d, over visible (query, key) pairs only where V (nk, Dp) is
-// non-finite: the finite part goes through the matmul (non-finite entries zeroed in place), the rest per pair.
-void accumulate_confined(const Doc& d, int64_t i0, int64_t j0, int nq, int nk, int Dp, const float* PT, float* V,
-                         float* O) {
-  std::vector<float> bad(V, V + static_cast<size_t>(nk) * Dp);
+// O (R, Dp) += PT^T B, PT (J, LDT), B (J, Dp), summed over the pairs that vis(c, j) allows (c: row of O, j: the
+// contraction index), for tiles that straddle the mask. PT is 0 outside the mask, but a matmul would still carry
+// 0 * NaN (or 0 * inf) from a non-finite B[j] into rows that cannot see j. Finite values take the matmul
+// (non-finite entries of B are zeroed in place: callers do not reuse B), the non-finite ones are added per
+// visible pair. Callers take this path only when B has a non-finite value (all_finite), so the usual cost is one
+// scan of the tile.
+template <class Vis>
+void accumulate_confined(Vis vis, int R, int J, int Dp, const float* PT, float* B, float* O) {
+  std::vector<float> bad(B, B + static_cast<size_t>(J) * Dp);
   for (size_t i = 0; i < bad.size(); ++i) {
-    if (std::isfinite(V[i])) bad[i] = 0.0f;
-    else V[i] = 0.0f;
+    if (std::isfinite(B[i])) bad[i] = 0.0f;
+    else B[i] = 0.0f;
   }
-  mm_tn_acc(PT, V, O, Dp, round4(nq), nk);
-  for (int r = 0; r < nk; ++r) {
-    const float* b = bad.data() + static_cast<int64_t>(r) * Dp;
+  mm_tn_acc(PT, B, O, Dp, round4(R), J);
+  for (int j = 0; j < J; ++j) {
+    const float* b = bad.data() + static_cast<int64_t>(j) * Dp;
     if (all_finite(b, Dp)) continue;
-    for (int c = 0; c < nq; ++c)
-      if (d.visible(i0 + c, j0 + r))
+    for (int c = 0; c < R; ++c)
+      if (vis(c, j))
         for (int e = 0; e < Dp; ++e)
-          if (!std::isfinite(b[e])) O[c * Dp + e] += PT[r * LDT + c] * b[e];
+          if (!std::isfinite(b[e])) O[c * Dp + e] += PT[j * LDT + c] * b[e];
   }
 }
 
@@ -468,7 +472,7 @@ void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Stride
         } else {
           // A tile that straddles the mask with a non-finite value: the matmul would carry 0 * NaN from a masked
           // key into rows that cannot see it. Finite values take the matmul; non-finite ones only visible rows.
-          accumulate_confined(d, i0, j0, nq, nk, Dp, ST, Vr, O);
+          accumulate_confined([&](int c, int r) { return d.visible(i0 + c, j0 + r); }, nq, nk, Dp, ST, Vr, O);
         }
       }
       for (int r = 0; r < nq; ++r) {
@@ -558,8 +562,14 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
             }
             vstore(s + c, ds);
           }
+          if (!full)  // masked pairs: dS = 0 exactly (pr * dP would be 0 * NaN for a NaN row or value)
+            for (int c = 0; c < nq; ++c)
+              if (!d.visible(i0 + c, j0 + r)) s[c] = 0.0f;
         }
-        mm_tn_acc(ST, Kr, dQ, Dp, R, nk);
+        if (full || all_finite(Kr, static_cast<int64_t>(nk) * Dp))
+          mm_tn_acc(ST, Kr, dQ, Dp, R, nk);
+        else
+          accumulate_confined([&](int c, int r) { return d.visible(i0 + c, j0 + r); }, nq, nk, Dp, ST, Kr, dQ);
       }
       for (int r = 0; r < nq; ++r) store_vec(dq, p.dtype, ((d.q0 + i0 + r) * H + h) * D, D, p.scale, dQ + r * Dp);
     }
@@ -625,9 +635,19 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
               vstore(s + c, pr);
               vstore(dP + r * LDT + c, ds);
             }
+            if (!full)  // masked pairs: P = dS = 0 exactly (a NaN row's lse would make them NaN)
+              for (int c = 0; c < nk; ++c)
+                if (!d.visible(i0 + r, j0 + c)) s[c] = dP[r * LDT + c] = 0.0f;
           }
-          mm_tn_acc(S, dOr, dV, Dp, R, nq);
-          mm_tn_acc(dP, Qr, dK, Dp, R, nq);
+          const auto vis_t = [&](int c, int r) { return d.visible(i0 + r, j0 + c); };  // c: key, r: query
+          if (full || all_finite(dOr, static_cast<int64_t>(nq) * Dp))
+            mm_tn_acc(S, dOr, dV, Dp, R, nq);
+          else
+            accumulate_confined(vis_t, nk, nq, Dp, S, dOr, dV);
+          if (full || all_finite(Qr, static_cast<int64_t>(nq) * Dp))
+            mm_tn_acc(dP, Qr, dK, Dp, R, nq);
+          else
+            accumulate_confined(vis_t, nk, nq, Dp, dP, Qr, dK);
         }
       }
       for (int r = 0; r < nk; ++r) {
