@@ -119,30 +119,45 @@ def scores(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr)
 
 
 @triton.jit
-def pv_confined(acc, p, v, vis, DOT_PREC: tl.constexpr):
-    """acc + p @ v (BM, D) for a key tile that straddles the mask, summed over visible (row, key) pairs only.
+def add_nonfinite(acc, a, b32, finite, vis):
+    """acc (BM, D) plus, as IEEE sums them, the non-finite values of b32 (BN, D) fp32 (``finite`` its mask) weighted
+    by a (BM, BN) over the pairs that ``vis`` (BM, BN) allows: +-inf times a nonzero weight, NaN, and 0 * inf = NaN.
+    Which entries get +inf / -inf / NaN comes from 0/1 dots (counts, exact in fp32), folded in one at a time."""
+    pos = (vis & (a > 0)).to(tl.float16)
+    neg = (vis & (a < 0)).to(tl.float16)
+    p_inf = (b32 == float("inf")).to(tl.float16)
+    n_inf = (b32 == -float("inf")).to(tl.float16)
+    hits = tl.dot(pos, p_inf) + tl.dot(neg, n_inf)
+    acc = tl.where(hits > 0, acc + float("inf"), acc)
+    hits = tl.dot(pos, n_inf) + tl.dot(neg, p_inf)
+    acc = tl.where(hits > 0, acc - float("inf"), acc)
+    hits = tl.dot((vis & (a == 0)).to(tl.float16), (finite == 0).to(tl.float16)) \
+        + tl.dot(vis.to(tl.float16), (b32 != b32).to(tl.float16))
+    return tl.where(hits > 0, float("nan"), acc)
 
-    p (BM, BN) is 0 at masked keys, but the dot would still carry 0 * NaN (or 0 * inf) from a masked key's value
-    into a row that cannot see it. All-finite tiles (the usual case) take the plain dot. Otherwise the finite
-    values take the dot and the non-finite ones are added per visible pair, as IEEE sums them: counts of
-    NaN / +inf / -inf values seen with weight > 0 (and of +-inf seen with weight 0, which is 0 * inf = NaN) come
-    from 0/1 dots, exact in fp32. Only tiles of phases 0 and 2 (mask boundaries) pay the all-finite check."""
-    v32 = v.to(tl.float32)
-    finite = tl.abs(v32) < float("inf")                                            # False for NaN and +-inf
+
+@triton.jit
+def dot_acc_confined(a, b, vis, acc, comp, KAHAN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a @ b (a (BM, BN), b (BN, D)) summed over the pairs that ``vis`` allows, for tiles that straddle the
+    mask; returns (acc, comp) as dot_acc (KAHAN) or a plain chained dot (comp passes through).
+
+    a is 0 outside vis, but the dot would still carry 0 * NaN (or 0 * inf) from a masked key's (or query's)
+    non-finite value into a row that cannot see it. All-finite tiles (the usual case) take the plain dot after
+    one scan of b; otherwise the finite values take the dot and the non-finite ones go through add_nonfinite."""
+    b32 = b.to(tl.float32)
+    finite = tl.abs(b32) < float("inf")                                            # False for NaN and +-inf
     n_bad = tl.sum(tl.sum(tl.where(finite, 0, 1), 1), 0)
     if n_bad == 0:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        bb = b
     else:
-        acc = tl.dot(p.to(v.dtype), tl.where(finite, v32, 0.0).to(v.dtype), acc, input_precision=DOT_PREC)
-        pos = (vis & (p > 0)).to(tl.float16)                                       # (BM, BN) weight > 0
-        zero = (vis & (p == 0)).to(tl.float16)                                     # (BM, BN) visible, weight 0
-        nan_hits = tl.dot(zero, (finite == 0).to(tl.float16)) + tl.dot(pos, (v32 != v32).to(tl.float16))
-        pinf = tl.dot(pos, (v32 == float("inf")).to(tl.float16))
-        ninf = tl.dot(pos, (v32 == -float("inf")).to(tl.float16))
-        acc = tl.where(pinf > 0, acc + float("inf"), acc)
-        acc = tl.where(ninf > 0, acc - float("inf"), acc)
-        acc = tl.where(nan_hits > 0, float("nan"), acc)
-    return acc
+        bb = tl.where(finite, b32, 0.0).to(b.dtype)
+    if KAHAN:
+        acc, comp = dot_acc(a.to(b.dtype), bb, acc, comp, DOT_PREC)
+    else:
+        acc = tl.dot(a.to(b.dtype), bb, acc, input_precision=DOT_PREC)
+    if n_bad != 0:
+        acc = add_nonfinite(acc, a, b32, finite, vis)
+    return acc, comp
 
 
 @triton.jit
