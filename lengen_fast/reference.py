@@ -96,7 +96,7 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
         s = s.masked_fill(~visible, float("-inf"))
-        empty = s.amax(dim=-1) == float("-inf")                                     # (H, sq) no key (NaN: not empty)
+        empty = (s == float("-inf")).all(dim=-1)                                    # (H, sq) no key (NaN: not empty)
         p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)             # NaN rows stay NaN
         out[q0:q1] = _ConfinedPV.apply(p, vd, visible).transpose(0, 1)
         row_lse = torch.logsumexp(s.float(), dim=-1)                                # (H, sq)
