@@ -172,9 +172,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-# The accurate range of the fp32 RoPE kernels: positions |p| < 2^24 (exact in fp32, and distinct from 2^24 + 1), and their range reduction
-# holds for angles |position * inv_freq| up to 6.5e6 rad. Outside it every backend returns NaN for that angle
-# (the public API refuses such positions wherever it can see them without a device sync); never a wrong rotation.
+# The accurate range of the fp32 RoPE kernels: positions |p| < 2^24 (exact in fp32, and distinct from 2^24 + 1),
+# and angles |position * inv_freq| up to 6.5e6 rad (their range reduction). Outside it every backend returns NaN
+# for that angle (the public API refuses such positions wherever it sees them without a device sync); never a wrong
+# rotation.
 ROPE_MAX_POSITION = 2**24
 ROPE_MAX_ANGLE = 6.5e6
 

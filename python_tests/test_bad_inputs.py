@@ -253,7 +253,8 @@ def test_reference_nan_semantics():
     q2, k2, v2 = _qkv(T=10, H=1, Hkv=1, D=8)
     q2[5, 0, 0] = NAN
     out2, lse2 = varlen_attention_ref(q2, k2, v2, cu, return_lse=True)
-    assert out2[:, 0].isnan().any(-1).nonzero()[:, 0].tolist() == [5] and lse2[0].isnan().nonzero()[:, 0].tolist() == [5]
+    assert out2[:, 0].isnan().any(-1).nonzero()[:, 0].tolist() == [5]
+    assert lse2[0].isnan().nonzero()[:, 0].tolist() == [5]
     # a row whose only visible key scores -inf: no weight at all, so out 0 and lse +inf (as a row with no key)
     q3, k3, v3 = _qkv(T=4, H=1, Hkv=1, D=8)
     q3 = q3.abs() + 0.1                                                              # every score of key 0: -inf

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    LOG2E, doc_bounds, dot_acc, dot_acc_confined, load_rows, mask_flags, phase_range, row_mask, score_params, scores, visible,
-    visible_range,
+    LOG2E, doc_bounds, dot_acc, dot_acc_confined, load_rows, mask_flags, phase_range, row_mask, score_params,
+    scores, visible, visible_range,
 )
 from .triton_sched import (
     block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_lookup,
