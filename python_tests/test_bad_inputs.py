@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lengen_fast import apply_rope, backends, varlen_attention
+from lengen_fast import apply_rope, backends, flash_attn_varlen_func, varlen_attention
 from lengen_fast.attention import op as attention_op
 from lengen_fast.reference import ROPE_MAX_ANGLE, ROPE_MAX_POSITION, apply_rope_ref, varlen_attention_ref
 from lengen_fast.rope.scaling import RopeScaling, rope_frequencies
@@ -61,13 +61,15 @@ FAMILY2 = [
     ("scale_inf", _attn(softmax_scale=INF), ValueError, "softmax_scale must be a finite number"),
     ("scale_bool", _attn(softmax_scale=True), ValueError, "softmax_scale must be a finite number"),
     ("softcap_inf", _attn(softcap=INF), ValueError, "softcap must be a finite number"),
+    ("dropout_nan", lambda: flash_attn_varlen_func(*_qkv(), cu_seqlens([5, 7]), cu_seqlens([5, 7]), 7, 7,
+                                                   dropout_p=NAN), ValueError, "dropout_p=nan is not supported"),
     ("softcap_nan", _attn(softcap=NAN), ValueError, "softcap must be a finite number"),
     # integers beyond the op schema's int64 / the kernels' int32: our error, not the dispatcher's
     ("window_2p63", _attn(window_size=(2**63, 0)), ValueError, "window_size must be a pair"),
     ("window_2p31", _attn(window_size=(-1, 2**31)), ValueError, "ints in [-1, 2**31 - 1]"),
     ("window_neg_2p63", _attn(window_size=(-2**63, 0)), ValueError, "window_size must be a pair"),
-    ("max_seqlen_2p63", _attn(max_seqlen_q=2**63), ValueError, "max_seqlen_q must be None or an int"),
-    ("max_seqlen_k_neg", _attn(max_seqlen_k=-1), ValueError, "max_seqlen_k must be None or an int"),
+    ("max_seqlen_2p63", _attn(max_seqlen_q=2**63), ValueError, "max_seqlen_q must be None or a non-negative int <= 2**31 - 1"),
+    ("max_seqlen_k_neg", _attn(max_seqlen_k=-1), ValueError, "max_seqlen_k must be None or a non-negative int"),
     ("rope_offset_2p63", _rope(position_offset=2**63), ValueError, "position_offset=9223372036854775808"),
     ("rope_offset_neg_2p63", _rope(position_offset=-2**63), ValueError, "position_offset=-9223372036854775808"),
     # RoPE positions beyond the accurate fp32 range: refused (the device kernels give NaN; see below)
@@ -203,24 +205,25 @@ NAN_LAYOUTS = {"small": ((3, 21, 9), 3 + 9), "long": ((3, 150), 3 + 70)}
 MASKS = {"causal": (True, (-1, -1)), "window": (False, (3, 2))}
 
 
+# -inf in q or k is covered by +inf (a score of either sign); an upstream gradient is checked with NaN only
+BAD_VALUES = [("q", NAN), ("k", NAN), ("v", NAN), ("dout", NAN), ("q", INF), ("k", INF), ("v", INF), ("v", -INF)]
+# long documents are sized for the C++ kernel's 64-row tiles
+BACKEND_LAYOUTS = [(b, layout) for b in _attention_backends() for layout in NAN_LAYOUTS
+                   if layout == "small" or b == "cpu"]
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in Triton's interpreter
-@pytest.mark.parametrize("value", [NAN, INF, -INF], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("where,value", BAD_VALUES, ids=[f"{w}={v}" for w, v in BAD_VALUES])
 @pytest.mark.parametrize("mask", list(MASKS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("layout", list(NAN_LAYOUTS))
-@pytest.mark.parametrize("backend", _attention_backends())
+@pytest.mark.parametrize("backend,layout", BACKEND_LAYOUTS, ids=[f"{b}-{lay}" for b, lay in BACKEND_LAYOUTS])
 def test_nonfinite_propagation_matches_reference(backend, layout, dtype, mask, where, value):
     lens, token = NAN_LAYOUTS[layout]
-    if layout == "long" and backend != "cpu":
-        pytest.skip("long documents are sized for the C++ kernel's 64-row tiles")
-    if value == -INF and where != "v":
-        pytest.skip("-inf in q or k is covered by +inf (a score of either sign)")
     causal, window = MASKS[mask]
     T = sum(lens)
     q, k, v = _qkv(T=T, H=2, Hkv=1, D=32, dtype=dtype, seed=1)
     dout = torch.randn(T, 2, 32, generator=torch.Generator().manual_seed(2)).to(dtype)
-    {"q": q, "k": k, "v": v}[where][token, 0, 3] = value
+    {"q": q, "k": k, "v": v, "dout": dout}[where][token, 0, 3] = value
     cu = cu_seqlens(lens)
     got = _run(backend, q, k, v, dout, cu, causal, window)
     truth = _reference(q, k, v, dout, cu, causal, window, torch.float64)
@@ -239,6 +242,20 @@ def test_nonfinite_propagation_matches_reference(backend, layout, dtype, mask, w
         other = (doc != bad_doc)
         assert torch.isfinite(g_.index_select(tok_dim, other.nonzero()[:, 0])).all(), f"{label}: other documents"
         assert_rule(g_, t_, e_, ATOL[dtype] + 2 ** -23 * t_[torch.isfinite(t_)].abs().max().item(), label)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["reference"] + _attention_backends())
+def test_nan_in_tail_tokens_reaches_nothing(backend):
+    """Tokens after cu_seqlens[-1] belong to no document: NaN there changes no output (tail out stays 0)."""
+    q, k, v = _qkv(T=20, H=2, Hkv=1, D=16)
+    dout = torch.randn(20, 2, 16)
+    cu = cu_seqlens([6, 11])                                                         # tokens 17..19: tail
+    clean = _run(backend, q, k, v, dout, cu, True, (-1, -1))
+    q[18], k[17], v[19], dout[18] = NAN, NAN, NAN, NAN
+    dirty = _run(backend, q, k, v, dout, cu, True, (-1, -1))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), clean, dirty):
+        assert torch.equal(a, b), f"{backend} {name}"
 
 
 def test_reference_nan_semantics():

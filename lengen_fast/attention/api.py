@@ -98,7 +98,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_INT32):
-            raise ValueError(f"{name} must be None or an int in [0, 2**31 - 1], got {m!r}")
+            raise ValueError(f"{name} must be None or a non-negative int <= 2**31 - 1, got {m!r}")
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
             and all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w <= MAX_INT32 for w in window_size)):
         raise ValueError(f"window_size must be a pair (left, right) of ints in [-1, 2**31 - 1] (-1 = unbounded), "
