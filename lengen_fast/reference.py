@@ -53,8 +53,15 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
         j <= i + (s_k - s_q) + right  (right = 0 when causal)   and   j >= i + (s_k - s_q) - left,
         with -1 meaning unbounded (causal masks are aligned bottom-right);
       * scores s = (q.k) * softmax_scale, then softcap * tanh(s / softcap) when softcap > 0;
-      * a query row with no visible key outputs 0 and has lse = +inf (as flash-attn);
+      * a query row with no visible key outputs 0 and has lse = +inf (as flash-attn); a visible key whose
+        score is -inf weighs 0, so a row whose visible scores are all -inf counts as having none;
       * tokens at or after cu_seqlens_q[-1] output 0 with lse = +inf.
+    Non-finite inputs (IEEE arithmetic, confined to what depends on them; see notes/attention.md):
+      * a NaN (or +inf) score of a visible key makes its row's out and lse NaN; a NaN q[i] does so to row i;
+      * a non-finite v[j, :, d] reaches out[i, :, d] exactly for the rows i that see key j (p * v over visible
+        keys only: the 0 * NaN of a masked key never reaches a row that cannot see it);
+      * nothing crosses documents, windows or the causal boundary, in the forward and the backward (the
+        gradients sum over visible pairs only: _ConfinedScores, _ConfinedPV).
     Returns out (total_q, H, D) in q.dtype, and lse (H, total_q) fp32 when return_lse.
     """
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
@@ -78,9 +85,6 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
         qd = q[q0:q1].to(cdt).transpose(0, 1)                                      # (H, sq, D)
         kd = k[k0:k1].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)       # (H, sk, D)
         vd = v[k0:k1].to(cdt).repeat_interleave(group, dim=1).transpose(0, 1)       # (H, sk, D)
-        s = (qd @ kd.transpose(1, 2)) * scale                                       # (H, sq, sk)
-        if softcap > 0:
-            s = softcap * torch.tanh(s / softcap)
         i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
         j = torch.arange(sk, device=q.device)[None, :]
         visible = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
@@ -88,13 +92,76 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, causal=Tru
             visible &= j <= i + right
         if left >= 0:
             visible &= j >= i - left
+        s = _ConfinedScores.apply(qd, kd, visible) * scale                          # (H, sq, sk)
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
         s = s.masked_fill(~visible, float("-inf"))
+        empty = (s == float("-inf")).all(dim=-1)                                    # (H, sq) no key (NaN: not empty)
+        p = torch.softmax(s, dim=-1).masked_fill(empty[..., None], 0.0)             # NaN rows stay NaN
+        out[q0:q1] = _ConfinedPV.apply(p, vd, visible).transpose(0, 1)
         row_lse = torch.logsumexp(s.float(), dim=-1)                                # (H, sq)
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)                                # empty rows -> 0
-        out[q0:q1] = (p @ vd).transpose(0, 1)
-        lse[:, q0:q1] = torch.where(torch.isfinite(row_lse), row_lse, torch.full_like(row_lse, float("inf")))
+        row_lse = row_lse.masked_fill(p.isnan().any(dim=-1), float("nan"))         # +inf score: NaN as out
+        lse[:, q0:q1] = row_lse.masked_fill(empty, float("inf"))
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _confined_mm(a, b, mask):
+    """sum_j a[h, i, j] * b[h, j, d] over the pairs (i, j) where mask[i, j], in IEEE arithmetic: (H, m, d).
+
+    a (H, m, n), b (H, n, d), mask (m, n) bool. A plain matmul would also carry 0 * NaN (or 0 * inf) from the
+    pairs outside the mask. Finite values of b take the matmul (a zeroed outside the mask); its non-finite values
+    (rare) are added per pair inside the mask."""
+    a = a.masked_fill(~mask, 0.0)
+    bad = ~torch.isfinite(b)                                                         # (H, n, d)
+    if not bool(bad.any()):
+        return a @ b
+    cols = bad.any(dim=-1).any(dim=0).nonzero()[:, 0]                                # j with a non-finite b[j]
+    out = a @ b.masked_fill(bad, 0.0)
+    bb = b[:, cols].masked_fill(~bad[:, cols], 0.0)                                  # (H, J, d) non-finite only
+    terms = a[:, :, cols, None] * bb[:, None]                                        # (H, m, J, d)
+    return out + torch.where(mask[None, :, cols, None], terms, torch.zeros_like(terms)).sum(dim=2)
+
+
+class _ConfinedScores(torch.autograd.Function):
+    """s = q @ k^T (H, sq, sk) whose backward sums over visible (query, key) pairs only: dq = dS k and
+    dk = dS^T q through _confined_mm, so a NaN q or k reaches only the gradients of tokens that see it."""
+
+    @staticmethod
+    def forward(q, k, mask):
+        return q @ k.transpose(1, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, mask = inputs
+        ctx.save_for_backward(q, k)
+        ctx.mask = mask
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k = ctx.saved_tensors
+        return _confined_mm(g, k, ctx.mask), _confined_mm(g.transpose(1, 2), q, ctx.mask.T), None
+
+
+class _ConfinedPV(torch.autograd.Function):
+    """out = p @ v (H, sq, D) over visible pairs only (see _confined_mm), forward and backward (dp = dO v^T on
+    visible pairs, dv = p^T dO over the rows that see each key)."""
+
+    @staticmethod
+    def forward(p, v, mask):
+        return _confined_mm(p, v, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        p, v, mask = inputs
+        ctx.save_for_backward(p, v)
+        ctx.mask = mask
+
+    @staticmethod
+    def backward(ctx, g):
+        p, v = ctx.saved_tensors
+        dp = (g @ v.transpose(1, 2)).masked_fill(~ctx.mask, 0.0)
+        return dp, _confined_mm(p.transpose(1, 2), g, ctx.mask.T), None
 
 
 # ================================================================================= rope
@@ -105,13 +172,24 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+# The accurate range of the fp32 RoPE kernels: positions |p| < 2^24 (exact in fp32, and distinct from 2^24 + 1),
+# and angles |position * inv_freq| up to 6.5e6 rad (their range reduction). Outside it every backend returns NaN
+# for that angle (the public API refuses such positions wherever it sees them without a device sync); never a wrong
+# rotation.
+ROPE_MAX_POSITION = 2**24
+ROPE_MAX_ANGLE = 6.5e6
+
+
 def rope_cos_sin_ref(positions, inv_freq, attention_factor=1.0, *, interleaved=False, dtype=torch.float32):
     """The Hugging Face cos/sin cache: (T, rotary_dim) each, scaled by attention_factor.
 
     positions: (T,) int; inv_freq: (rotary_dim // 2,). Angles are formed in ``dtype``
-    (fp32 by default; fp64 for a high-precision truth).
+    (fp32 by default; fp64 for a high-precision truth). Angles outside the accurate range
+    (|position| >= ROPE_MAX_POSITION or |angle| > ROPE_MAX_ANGLE) give NaN.
     """
     freqs = positions.to(dtype)[:, None] * inv_freq.to(dtype)[None, :]             # (T, R/2)
+    out_of_range = (positions.abs() >= ROPE_MAX_POSITION)[:, None] | (freqs.abs() > ROPE_MAX_ANGLE)
+    freqs = freqs.masked_fill(out_of_range, float("nan"))
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return emb.cos() * attention_factor, emb.sin() * attention_factor
 

@@ -41,8 +41,10 @@ inline vf vload(const float* p) {
 inline void vstore(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 inline vf splat(float a) { return vf{} + a; }
 
-// exp(x) for a vector (Cephes expf polynomial, ~1 ulp); x <= -87 (including -inf) gives exactly 0.
+// exp(x) for a vector (Cephes expf polynomial, ~1 ulp); x <= -87 (including -inf) gives exactly 0, NaN gives NaN
+// (a NaN score must reach its row's output, not vanish as a zero weight).
 inline vf vexp(vf x) {
+  const vf x0 = x;
   const vi keep = x > splat(-87.0f);
   x = x < splat(88.0f) ? x : splat(88.0f);
   x = x > splat(-87.5f) ? x : splat(-87.5f);
@@ -64,7 +66,7 @@ inline vf vexp(vf x) {
   std::memcpy(&bits, &y, sizeof bits);
   bits &= keep;
   std::memcpy(&y, &bits, sizeof y);
-  return y;
+  return x0 == x0 ? y : x0;
 }
 
 // C[r][c] = sum_{d<D} A[r][d] * Bt[d][c] for r < R (R % 4 == 0), c < VW * NV.
@@ -174,6 +176,12 @@ void mm_tn_acc(const float* PT, const float* V, float* O, int Dp, int R, int J) 
 }
 
 inline int round4(int n) { return (n + 3) & ~3; }
+
+inline bool all_finite(const float* x, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
+  return ok;
+}
 
 // ---- element access in any of the three dtypes ----------------------------------------------------------------
 
@@ -347,6 +355,30 @@ inline void softcap_row(float* s, int n, float cap, float* t) {
   }
 }
 
+// O (R, Dp) += PT^T B, PT (J, LDT), B (J, Dp), summed over the pairs that vis(c, j) allows (c: row of O, j: the
+// contraction index), for tiles that straddle the mask. PT is 0 outside the mask, but a matmul would still carry
+// 0 * NaN (or 0 * inf) from a non-finite B[j] into rows that cannot see j. Finite values take the matmul
+// (non-finite entries of B are zeroed in place: callers do not reuse B), the non-finite ones are added per
+// visible pair. Callers take this path only when B has a non-finite value (all_finite), so the usual cost is one
+// scan of the tile.
+template <class Vis>
+void accumulate_confined(Vis vis, int R, int J, int Dp, const float* PT, float* B, float* O) {
+  std::vector<float> bad(B, B + static_cast<size_t>(J) * Dp);
+  for (size_t i = 0; i < bad.size(); ++i) {
+    if (std::isfinite(B[i])) bad[i] = 0.0f;
+    else B[i] = 0.0f;
+  }
+  mm_tn_acc(PT, B, O, Dp, round4(R), J);
+  for (int j = 0; j < J; ++j) {
+    const float* b = bad.data() + static_cast<int64_t>(j) * Dp;
+    if (all_finite(b, Dp)) continue;
+    for (int c = 0; c < R; ++c)
+      if (vis(c, j))
+        for (int e = 0; e < Dp; ++e)
+          if (!std::isfinite(b[e])) O[c * Dp + e] += PT[j * LDT + c] * b[e];
+  }
+}
+
 }  // namespace
 
 // ================================================================================================= forward
@@ -435,11 +467,17 @@ void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Stride
         for (int c = 0; c < nq; ++c)
           if (alpha[c] != 1.0f)
             for (int e = 0; e < Dp; ++e) O[c * Dp + e] *= alpha[c];
-        mm_tn_acc(ST, Vr, O, Dp, R, nk);
+        if (full || all_finite(Vr, static_cast<int64_t>(nk) * Dp)) {
+          mm_tn_acc(ST, Vr, O, Dp, R, nk);
+        } else {
+          // A tile that straddles the mask with a non-finite value: the matmul would carry 0 * NaN from a masked
+          // key into rows that cannot see it. Finite values take the matmul; non-finite ones only visible rows.
+          accumulate_confined([&](int c, int r) { return d.visible(i0 + c, j0 + r); }, nq, nk, Dp, ST, Vr, O);
+        }
       }
       for (int r = 0; r < nq; ++r) {
         const int64_t t = d.q0 + i0 + r;
-        const bool any = l[r] > 0.0f;
+        const bool any = l[r] != 0.0f;  // NaN: the row saw a NaN, which must reach out and lse
         store_vec(out, p.dtype, (t * H + h) * D, D, any ? 1.0f / l[r] : 0.0f, O + r * Dp);
         lse[h * Tq + t] = any ? m[r] + std::log(l[r]) : kInf;
       }
@@ -524,8 +562,14 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
             }
             vstore(s + c, ds);
           }
+          if (!full)  // masked pairs: dS = 0 exactly (pr * dP would be 0 * NaN for a NaN row or value)
+            for (int c = 0; c < nq; ++c)
+              if (!d.visible(i0 + c, j0 + r)) s[c] = 0.0f;
         }
-        mm_tn_acc(ST, Kr, dQ, Dp, R, nk);
+        if (full || all_finite(Kr, static_cast<int64_t>(nk) * Dp))
+          mm_tn_acc(ST, Kr, dQ, Dp, R, nk);
+        else
+          accumulate_confined([&](int c, int r) { return d.visible(i0 + c, j0 + r); }, nq, nk, Dp, ST, Kr, dQ);
       }
       for (int r = 0; r < nq; ++r) store_vec(dq, p.dtype, ((d.q0 + i0 + r) * H + h) * D, D, p.scale, dQ + r * Dp);
     }
@@ -591,9 +635,19 @@ void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, S
               vstore(s + c, pr);
               vstore(dP + r * LDT + c, ds);
             }
+            if (!full)  // masked pairs: P = dS = 0 exactly (a NaN row's lse would make them NaN)
+              for (int c = 0; c < nk; ++c)
+                if (!d.visible(i0 + r, j0 + c)) s[c] = dP[r * LDT + c] = 0.0f;
           }
-          mm_tn_acc(S, dOr, dV, Dp, R, nq);
-          mm_tn_acc(dP, Qr, dK, Dp, R, nq);
+          const auto vis_t = [&](int c, int r) { return d.visible(i0 + r, j0 + c); };  // c: key, r: query
+          if (full || all_finite(dOr, static_cast<int64_t>(nq) * Dp))
+            mm_tn_acc(S, dOr, dV, Dp, R, nq);
+          else
+            accumulate_confined(vis_t, nk, nq, Dp, S, dOr, dV);
+          if (full || all_finite(Qr, static_cast<int64_t>(nq) * Dp))
+            mm_tn_acc(dP, Qr, dK, Dp, R, nq);
+          else
+            accumulate_confined(vis_t, nk, nq, Dp, dP, Qr, dK);
         }
       }
       for (int r = 0; r < nk; ++r) {

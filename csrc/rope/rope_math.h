@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "rope/rope_args.h"
 
@@ -28,14 +29,30 @@ LF_HD float mul_(float a, float b) { return a * b; }
 LF_HD float round_(float x) { return (x + 12582912.0f) - 12582912.0f; }
 #endif
 
+// A quiet NaN on host and device.
+LF_HD float qnan_() {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(0x7fc00000);
+#else
+  return std::numeric_limits<float>::quiet_NaN();
+#endif
+}
+
+// The accurate range (reference.ROPE_MAX_POSITION / ROPE_MAX_ANGLE): outside it sincos_pf returns NaN, never a
+// wrong rotation.
+constexpr float kMaxPosition = 16777216.0f;  // 2^24: |p| < 2^24 are exact in fp32 (2^24 + 1 rounds to 2^24)
+constexpr float kMaxAngle = 6.5e6f;
+
 // cos and sin of the angle p * f where p (an integer position, exact in fp32) and f are fp32,
-// for |p * f| < 6.5e6 (positions up to ~6M at inv_freq <= 1).
+// for |p * f| <= 6.5e6 (positions up to ~6M at inv_freq <= 1) and |p| < 2^24; NaN outside that range.
 // The product is formed in fp32 like the Hugging Face reference, and its rounding error is carried
 // (fma residual) into the reduced argument, so the result is the sincos of the exact product.
 // Range reduction: Cody-Waite with pi/2 in three fp32 parts; minimax polynomials on [-pi/4, pi/4].
 LF_HD void sincos_pf(float p, float f, float* s_out, float* c_out) {
-  const float x = mul_(p, f);
-  const float err = fma_(p, f, -x);
+  const float x0 = mul_(p, f);
+  const bool ok = p < kMaxPosition && p > -kMaxPosition && x0 <= kMaxAngle && x0 >= -kMaxAngle;
+  const float x = ok ? x0 : 0.0f;  // keeps the float -> int conversion below in range
+  const float err = ok ? fma_(p, f, -x) : 0.0f;
   const float k = round_(x * 0.636619772367581343f);
   float r = fma_(-k, 1.5707963705062866f, x);
   r = fma_(-k, -4.371138828673793e-08f, r);
@@ -48,8 +65,8 @@ LF_HD void sincos_pf(float p, float f, float* s_out, float* c_out) {
   const int q = static_cast<int>(k) & 3;
   const float s1 = (q & 1) ? cp : sp;
   const float c1 = (q & 1) ? sp : cp;
-  *s_out = (q & 2) ? -s1 : s1;
-  *c_out = ((q + 1) & 2) ? -c1 : c1;
+  *s_out = ok ? ((q & 2) ? -s1 : s1) : qnan_();
+  *c_out = ok ? (((q + 1) & 2) ? -c1 : c1) : qnan_();
 }
 
 // Index of the document holding token t: the largest d in [0, n_seq) with cu[d] <= t (empty documents

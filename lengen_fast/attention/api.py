@@ -18,6 +18,11 @@ from .op import varlen_attention_fwd
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 256
+# Integers the kernels index with (int32 offsets); larger values would also overflow the op schema's int64.
+MAX_INT32 = 2**31 - 1
+# |softmax_scale| above this is refused: the scores of ordinary inputs would overflow fp32 (and every backend
+# would return NaN rows). 2^16 keeps fp16 inputs of any value finite: 256 * 65504^2 * 2^16 * log2(e) < 2^127.
+MAX_SOFTMAX_SCALE = 2.0**16
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device: torch.device) -> None:
     if not isinstance(cu, torch.Tensor):
@@ -92,17 +97,22 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length B+1, got "
                          f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 0):
-            raise ValueError(f"{name} must be None or a non-negative int, got {m!r}")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= MAX_INT32):
+            raise ValueError(f"{name} must be None or a non-negative int <= 2**31 - 1, got {m!r}")
     if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
-        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unbounded), "
+            and all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w <= MAX_INT32 for w in window_size)):
+        raise ValueError(f"window_size must be a pair (left, right) of ints in [-1, 2**31 - 1] (-1 = unbounded), "
                          f"got {window_size!r}")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[2])
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
+            or not math.isfinite(softmax_scale):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
-    if not isinstance(softcap, (int, float)) or not (softcap >= 0 and math.isfinite(softcap)):
+    if abs(softmax_scale) > MAX_SOFTMAX_SCALE:
+        raise ValueError(f"softmax_scale={softmax_scale!r} is too large: |softmax_scale| must be <= 2**16 "
+                         "(larger scales overflow the fp32 scores, and overflowed rows would come out NaN)")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) \
+            or not (softcap >= 0 and math.isfinite(softcap)):
         raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
     if backend is not None and backend not in backends.BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {backends.BACKENDS}")

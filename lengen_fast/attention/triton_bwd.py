@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    LOG2E, doc_bounds, dot_acc, load_rows, mask_flags, phase_range, row_mask, score_params, scores, visible,
-    visible_range,
+    LOG2E, doc_bounds, dot_acc, dot_acc_confined, load_rows, mask_flags, phase_range, row_mask, score_params,
+    scores, visible, visible_range,
 )
 from .triton_sched import (
     block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_lookup,
@@ -63,12 +63,17 @@ def _dkdv_inner(dk, dv, cdk, cdv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, s
             vis = visible(rows[None, :], cols[:, None], diff, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
                 & (rows < sq)[None, :]
             pT = tl.where(vis, pT, 0.0)
-        dv, cdv = dot_acc(pT.to(do.dtype), do, dv, cdv, DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                    # (BN, BM)
         dsT = pT * (dpT - delta[None, :])
         if SOFTCAP:
             dsT = dsT * (1.0 - tT * tT)
-        dk, cdk = dot_acc(dsT.to(q.dtype), q, dk, cdk, DOT_PREC)
+        if MASK:  # masked pairs: dS = 0 exactly, and no 0 * NaN from a masked row's q or dout
+            dsT = tl.where(vis, dsT, 0.0)
+            dv, cdv = dot_acc_confined(pT, do, vis, dv, cdv, True, DOT_PREC)
+            dk, cdk = dot_acc_confined(dsT, q, vis, dk, cdk, True, DOT_PREC)
+        else:
+            dv, cdv = dot_acc(pT.to(do.dtype), do, dv, cdv, DOT_PREC)
+            dk, cdk = dot_acc(dsT.to(q.dtype), q, dk, cdk, DOT_PREC)
         q_ptrs += step_q
         do_ptrs += step_do
         lse_ptrs += step_l
@@ -179,7 +184,11 @@ def _dq_inner(dq, cdq, q, do, lse2, delta, k_ptrs, v_ptrs, step_k, step_v, lo, h
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq, cdq = dot_acc(ds.to(k.dtype), k, dq, cdq, DOT_PREC)
+        if MASK:  # masked pairs: dS = 0 exactly, and no 0 * NaN from a masked key
+            ds = tl.where(vis, ds, 0.0)
+            dq, cdq = dot_acc_confined(ds, k, vis, dq, cdq, True, DOT_PREC)
+        else:
+            dq, cdq = dot_acc(ds.to(k.dtype), k, dq, cdq, DOT_PREC)
         k_ptrs += step_k
         v_ptrs += step_v
     return dq, cdq

@@ -119,6 +119,48 @@ def scores(a, b, qk_scale2, cap2, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr)
 
 
 @triton.jit
+def add_nonfinite(acc, a, b32, finite, vis):
+    """acc (BM, D) plus, as IEEE sums them, the non-finite values of b32 (BN, D) fp32 (``finite`` its mask) weighted
+    by a (BM, BN) over the pairs that ``vis`` (BM, BN) allows: +-inf times a nonzero weight, NaN, and 0 * inf = NaN.
+    Which entries get +inf / -inf / NaN comes from 0/1 dots (counts, exact in fp32), folded in one at a time."""
+    pos = (vis & (a > 0)).to(tl.float16)
+    neg = (vis & (a < 0)).to(tl.float16)
+    p_inf = (b32 == float("inf")).to(tl.float16)
+    n_inf = (b32 == -float("inf")).to(tl.float16)
+    hits = tl.dot(pos, p_inf) + tl.dot(neg, n_inf)
+    acc = tl.where(hits > 0, acc + float("inf"), acc)
+    hits = tl.dot(pos, n_inf) + tl.dot(neg, p_inf)
+    acc = tl.where(hits > 0, acc - float("inf"), acc)
+    hits = tl.dot((vis & (a == 0)).to(tl.float16), (finite == 0).to(tl.float16)) \
+        + tl.dot(vis.to(tl.float16), (b32 != b32).to(tl.float16))
+    return tl.where(hits > 0, float("nan"), acc)
+
+
+@triton.jit
+def dot_acc_confined(a, b, vis, acc, comp, KAHAN: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a @ b (a (BM, BN), b (BN, D)) summed over the pairs that ``vis`` allows, for tiles that straddle the
+    mask; returns (acc, comp) as dot_acc (KAHAN) or a plain chained dot (comp passes through).
+
+    a is 0 outside vis, but the dot would still carry 0 * NaN (or 0 * inf) from a masked key's (or query's)
+    non-finite value into a row that cannot see it. All-finite tiles (the usual case) take the plain dot after
+    one scan of b; otherwise the finite values take the dot and the non-finite ones go through add_nonfinite."""
+    b32 = b.to(tl.float32)
+    finite = tl.abs(b32) < float("inf")                                            # False for NaN and +-inf
+    n_bad = tl.sum(tl.sum(tl.where(finite, 0, 1), 1), 0)
+    if n_bad == 0:
+        bb = b
+    else:
+        bb = tl.where(finite, b32, 0.0).to(b.dtype)
+    if KAHAN:
+        acc, comp = dot_acc(a.to(b.dtype), bb, acc, comp, DOT_PREC)
+    else:
+        acc = tl.dot(a.to(b.dtype), bb, acc, input_precision=DOT_PREC)
+    if n_bad != 0:
+        acc = add_nonfinite(acc, a, b32, finite, vis)
+    return acc, comp
+
+
+@triton.jit
 def visible(rows, cols, diff, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Broadcast mask of (rows, cols) index tensors (e.g. (BM, 1) and (1, BN)): query i sees key j iff
     i + diff - left <= j <= i + diff + right, with diff = s_k - s_q (bottom-right alignment)."""

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    load_rows, mask_flags, phase_range, row_mask, score_params, scores, visible, visible_range,
+    dot_acc_confined, load_rows, mask_flags, phase_range, row_mask, score_params, scores, visible, visible_range,
 )
 from .triton_sched import (
     block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_schedule,
@@ -44,7 +44,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, step_k, step_v, lo, hi, rows, s
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = load_rows(v_ptrs, cols, sk, dmask, MASK, EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        if MASK:
+            acc, _ = dot_acc_confined(p, v, vis, acc, acc, False, DOT_PREC)   # no 0 * NaN from masked keys
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
         k_ptrs += step_k
         v_ptrs += step_v

@@ -10,25 +10,53 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
+from ..reference import ROPE_MAX_ANGLE, ROPE_MAX_POSITION
 from .op import IMPLS, KERNEL_DTYPES, RopeInplace
 from .scaling import RopeScaling, resolve_rotary_dim, rope_config_from_hf, rope_frequencies
 
 _FREQ_CACHE: dict = {}
 
 
-def _frequencies(head_dim, base, scaling, rotary_dim, seq_len, device) -> tuple[Tensor, float]:
-    """rope_frequencies on ``device``, cached for static configs (frequencies are tiny; launches are not)."""
+def _frequencies(head_dim, base, scaling, rotary_dim, seq_len, device) -> tuple[Tensor, float, Optional[float]]:
+    """rope_frequencies on ``device`` plus max |inv_freq| (None where it would cost a device sync), cached for
+    static configs (frequencies are tiny; launches are not)."""
     if isinstance(seq_len, Tensor) or torch.compiler.is_compiling():
         inv, af = rope_frequencies(head_dim, base, scaling, rotary_dim=rotary_dim, seq_len=seq_len, device=device)
-        return inv.to(device), af
+        return inv.to(device), af, None
     key = (head_dim, float(base), scaling, rotary_dim, seq_len, str(device))
     hit = _FREQ_CACHE.get(key)
     if hit is None:
         if len(_FREQ_CACHE) > 256:
             _FREQ_CACHE.clear()
         inv, af = rope_frequencies(head_dim, base, scaling, rotary_dim=rotary_dim, seq_len=seq_len)
-        hit = _FREQ_CACHE[key] = (inv.to(device), af)
+        hit = _FREQ_CACHE[key] = (inv.to(device), af, float(inv.abs().max()) if inv.numel() else 0.0)
     return hit
+
+
+def _max_abs_position(q, cu_seqlens, position_ids, position_offset) -> Optional[int]:
+    """The largest |position| of the call where the host knows it without a device sync, else None."""
+    if position_ids is not None:
+        if position_ids.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        if position_ids.numel() == 0:
+            return abs(position_offset)
+        return max(abs(int(position_ids.min()) + position_offset), abs(int(position_ids.max()) + position_offset))
+    n = q.shape[-3]                                       # positions 0 .. n - 1 (+ offset)
+    if cu_seqlens is not None and cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        n = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    elif cu_seqlens is not None:
+        return None                                       # device cu_seqlens: n <= T, but not known exactly
+    return max(abs(position_offset), abs(n - 1 + position_offset)) if n > 0 else abs(position_offset)
+
+
+def _check_position_range(max_pos: Optional[int], max_inv_freq: Optional[float], position_offset: int) -> None:
+    if max_pos is None:
+        return  # a device tensor: the kernels return NaN for positions outside the range
+    if max_pos >= ROPE_MAX_POSITION or (max_inv_freq is not None and max_pos * max_inv_freq > ROPE_MAX_ANGLE):
+        raise ValueError(
+            f"positions reach {max_pos} (position_offset={position_offset} included), beyond the accurate range "
+            f"of fp32 RoPE: |position| < 2**24 and |position * inv_freq| <= {ROPE_MAX_ANGLE:g} rad "
+            f"(max inv_freq here {max_inv_freq:g}); fp32 would rotate them by a wrong angle")
 
 
 @torch.compiler.assume_constant_result
@@ -62,6 +90,11 @@ def _check_inputs(q, k, cu_seqlens, position_ids, position_offset, scaling):
             raise ValueError("cu_seqlens needs packed (T, H, D) inputs, got q of shape " + str(tuple(q.shape)))
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not bool(((cu_seqlens >= -2**31) & (cu_seqlens < 2**31)).all()):
+            # the kernels take int32 offsets: refuse before the cast could wrap a value into range
+            raise ValueError(f"cu_seqlens values must fit in int32, got min {int(cu_seqlens.min())} "
+                             f"and max {int(cu_seqlens.max())}")
     if position_ids is not None:
         if not isinstance(position_ids, Tensor) or position_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError("position_ids must be an int32 or int64 tensor")
@@ -74,6 +107,9 @@ def _check_inputs(q, k, cu_seqlens, position_ids, position_offset, scaling):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}; q {tuple(q.shape)} needs {want}")
     if not isinstance(position_offset, int) or isinstance(position_offset, bool):
         raise TypeError(f"position_offset must be an int, got {type(position_offset).__name__}")
+    if not -ROPE_MAX_POSITION < position_offset < ROPE_MAX_POSITION:
+        raise ValueError(f"position_offset={position_offset} is outside (-2**24, 2**24), the range where fp32 "
+                         "RoPE positions are exact")
     if scaling is not None and not isinstance(scaling, RopeScaling):
         raise TypeError(f"scaling must be a RopeScaling (use RopeScaling.from_hf(dict) for a Hugging Face "
                         f"config), got {type(scaling).__name__}")
@@ -101,12 +137,16 @@ def apply_rope(q: Tensor, k: Tensor, *, cu_seqlens: Optional[Tensor] = None, pos
             seq_len = position_ids.max() + 1 + position_offset
         else:
             seq_len = q.shape[-3] + position_offset
-    inv_freq, af = _frequencies(head_dim, base, scaling, rotary_dim, seq_len, q.device)
+    inv_freq, af, max_inv_freq = _frequencies(head_dim, base, scaling, rotary_dim, seq_len, q.device)
+    _check_position_range(_max_abs_position(q, cu_seqlens, position_ids, position_offset), max_inv_freq,
+                          position_offset)
     name = _select(q.device.type, q.dtype in KERNEL_DTYPES, backend)
     cu = cu_seqlens.to(torch.int32).contiguous() if cu_seqlens is not None else None
     pos = None
     if position_ids is not None:
-        pos = position_ids.to(torch.int32)
+        # int64 ids beyond int32 saturate (still outside the accurate range: NaN in the kernels), never wrap
+        pos = position_ids.clamp(-2**31, 2**31 - 1).to(torch.int32) if position_ids.dtype == torch.int64 \
+            else position_ids
         pos = pos.reshape(1, -1) if pos.dim() == 1 else pos  # (B or 1, S)
     if not inplace:
         return torch.ops.lengen.rope(q, k, inv_freq, cu, pos, position_offset, af, interleaved, False, name)

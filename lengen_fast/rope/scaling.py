@@ -9,6 +9,7 @@ A new scaling kind goes here (and into test_rope.py): the kernels see only inv_f
 """
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
@@ -53,22 +54,47 @@ class RopeScaling:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"RopeScaling.kind={self.kind!r} is not one of {KINDS}")
+        # every number finite (inf or NaN would silently disable or corrupt the rotation), named on refusal
+        for name in ("factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor", "mscale",
+                     "mscale_all_dim", "attention_factor", "rope_theta", "partial_rotary_factor",
+                     "original_max_position_embeddings"):
+            value = getattr(self, name)
+            if value is None and name not in ("factor", "beta_fast", "beta_slow", "low_freq_factor",
+                                              "high_freq_factor"):
+                continue
+            _check_finite(f"RopeScaling.{name}", value)
         if not (self.factor >= 1.0):
             raise ValueError(f"RopeScaling.factor={self.factor} must be >= 1 (a factor < 1 shrinks the context)")
+        for name in ("beta_fast", "beta_slow", "attention_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"RopeScaling.{name}={value} must be > 0")
+        if self.rope_theta is not None and not self.rope_theta > 1.0:
+            raise ValueError(f"RopeScaling.rope_theta={self.rope_theta} must be > 1")
         orig = self.original_max_position_embeddings
         if self.kind in ("yarn", "llama3", "dynamic", "longrope") and orig is None:
             raise ValueError(f"RopeScaling(kind={self.kind!r}) needs original_max_position_embeddings "
                              "(the pretraining context length)")
         if orig is not None and (int(orig) != orig or orig <= 0):
             raise ValueError(f"RopeScaling.original_max_position_embeddings={orig} must be a positive integer")
+        if self.kind == "llama3" and not self.low_freq_factor > 0:
+            raise ValueError(f"RopeScaling.low_freq_factor={self.low_freq_factor} must be > 0 (llama3 divides the "
+                             "original context by it)")
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(f"RopeScaling: llama3 needs high_freq_factor > low_freq_factor, got "
                              f"{self.high_freq_factor} and {self.low_freq_factor}")
         if self.kind == "longrope":
             if self.short_factor is None or self.long_factor is None:
                 raise ValueError("RopeScaling(kind='longrope') needs short_factor and long_factor lists")
-            object.__setattr__(self, "short_factor", tuple(float(x) for x in self.short_factor))
-            object.__setattr__(self, "long_factor", tuple(float(x) for x in self.long_factor))
+            for name in ("short_factor", "long_factor"):
+                values = getattr(self, name)
+                if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+                    raise TypeError(f"RopeScaling.{name} must be a list of numbers, got {type(values).__name__}")
+                values = tuple(_number(f"RopeScaling.{name}[{i}]", x) for i, x in enumerate(values))
+                for i, x in enumerate(values):
+                    if not x > 0:
+                        raise ValueError(f"RopeScaling.{name}[{i}]={x} must be > 0")
+                object.__setattr__(self, name, values)
             if len(self.short_factor) != len(self.long_factor):
                 raise ValueError(f"RopeScaling: longrope short_factor has {len(self.short_factor)} entries but "
                                  f"long_factor has {len(self.long_factor)}")
@@ -85,6 +111,9 @@ class RopeScaling:
         """
         if params is None:
             return cls()
+        if not isinstance(params, Mapping):
+            raise TypeError(f"RopeScaling.from_hf expects a mapping (a rope_scaling / rope_parameters dict) or "
+                            f"None, got {type(params).__name__}")
         p = dict(params)
         rope_type = p.pop("rope_type", None)
         legacy_type = p.pop("type", None)
@@ -95,10 +124,16 @@ class RopeScaling:
         kw: dict = {"kind": kind}
         for key in ("rope_theta", "partial_rotary_factor"):
             if p.get(key) is not None:
-                kw[key] = float(p[key])
+                kw[key] = _number(f"rope config {key!r}", p[key])
             p.pop(key, None)
         factor = p.pop("factor", None)
+        factor = None if factor is None else _number("rope config 'factor'", factor)
         orig = p.pop("original_max_position_embeddings", None)
+        if orig is not None:
+            orig = _number("rope config 'original_max_position_embeddings'", orig)
+            if orig != int(orig) or orig <= 0:
+                raise ValueError(f"rope config 'original_max_position_embeddings'={orig} must be a positive integer")
+            orig = int(orig)
         if kind == "dynamic":
             orig = max_position_embeddings if max_position_embeddings is not None else orig
         elif kind in ("yarn", "llama3", "longrope") and orig is None:
@@ -117,12 +152,39 @@ class RopeScaling:
         for key, conv in simple.items():
             if key in p:
                 value = p.pop(key)
+                if conv is float and value is not None:
+                    value = _number(f"rope config {key!r}", value)
+                elif conv is bool and not isinstance(value, bool):
+                    raise TypeError(f"rope config {key!r} must be true or false, got {value!r}")
                 # transformers treats beta_fast/beta_slow of 0/None as "use the default"
                 if value is not None and not (key in ("beta_fast", "beta_slow") and not value):
-                    kw[key] = conv(value)
+                    kw[key] = conv(value) if conv is not tuple else value
         if p:
             raise ValueError(f"rope config has keys this RoPE does not understand: {sorted(p)}")
         return cls(**kw)
+
+
+def _number(name: str, value) -> float:
+    """A finite real number from a config value: int/float, or a numeric string (JSON written by hand); the
+    refusal names the key."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
+    return value
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
 
 
 def _base_inv_freq(dim: int, base, device) -> Tensor:
@@ -155,8 +217,8 @@ def rope_frequencies(head_dim: int, base: float = 10000.0, scaling: Optional[Rop
     dim = resolve_rotary_dim(head_dim, rotary_dim, scaling)
     s = scaling if scaling is not None else RopeScaling()
     base = s.rope_theta if s.rope_theta is not None else float(base)
-    if not base > 1.0:
-        raise ValueError(f"base={base} must be > 1")
+    if not (base > 1.0 and math.isfinite(base)):
+        raise ValueError(f"base={base} must be a finite number > 1")
     if isinstance(seq_len, Tensor):
         device = seq_len.device
     kind, factor = s.kind, s.factor

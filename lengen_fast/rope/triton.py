@@ -27,7 +27,10 @@ POS_CU_SEQLENS: tl.constexpr = tl.constexpr(int(PosMode.CU_SEQLENS))
 def _sincos(p, f):
     """cos, sin of p * f (fp32), carrying the product's rounding error into the reduced argument."""
     x = p * f
-    err = tl.fma(p, f, -x)
+    # outside the accurate range (reference.ROPE_MAX_POSITION / ROPE_MAX_ANGLE): NaN, never a wrong rotation
+    ok = (tl.abs(p) < 16777216.0) & (tl.abs(x) <= 6.5e6)
+    x = tl.where(ok, x, 0.0)                          # keeps the float -> int conversion below in range
+    err = tl.where(ok, tl.fma(p, f, -x), 0.0)
     kf = tl.floor(x * 0.636619772367581343 + 0.5)
     r = tl.fma(-kf, 1.5707963705062866, x)           # Cody-Waite: pi/2 in three fp32 parts
     r = tl.fma(-kf, -4.371138828673793e-08, r)
@@ -41,7 +44,7 @@ def _sincos(p, f):
     c1 = tl.where((q & 1) != 0, sp, cp)
     s = tl.where((q & 2) != 0, -s1, s1)
     c = tl.where(((q + 1) & 2) != 0, -c1, c1)
-    return c, s
+    return tl.where(ok, c, float("nan")), tl.where(ok, s, float("nan"))
 
 
 @triton.jit

@@ -30,6 +30,16 @@ def register(name: str = ATTN_NAME) -> str:
     there is no padding, never a materialised 4-D mask.
     """
     attention_interface, mask_interface, flash_attention_mask = _transformers()
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register(name): name must be a non-empty str, got {name!r}")
+    if "|" in name or "/" in name:
+        raise ValueError(f"register(name={name!r}): transformers reads '|' (paged|<impl>) and '/' (a Hub kernel "
+                         "repo) in attn_implementation names itself; pick a plain name such as 'lengen_varlen'")
+    existing = attention_interface._global_mapping.get(name)
+    if name == "eager" or (existing is not None and existing is not lengen_attention_forward):
+        raise ValueError(f"register(name={name!r}) would replace an attention implementation transformers already "
+                         f"has ({'built in' if name == 'eager' else existing.__module__}); pick another name, "
+                         f"such as the default {ATTN_NAME!r}")
     attention_interface.register(name, lengen_attention_forward)
     mask_interface.register(name, flash_attention_mask)
     return name

@@ -16,13 +16,23 @@ import numpy as np
 import torch
 
 
-def _ints(x, what: str) -> np.ndarray:
-    """A 1-D int64 numpy view/copy of a list, numpy array or tensor."""
+def _ints(x, what: str, row: bool = False) -> np.ndarray:
+    """A 1-D int64 numpy view/copy of a list, numpy array or tensor. ``row``: one document's tokens, which must
+    be 1-D (a (1, S) row is squeezed); a (B, S) row would otherwise be flattened into one document."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    a = np.asarray(x)
+    try:
+        a = np.asarray(x)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"PackedCollator: {what} is not a rectangular array of integers ({e})") from None
     if a.dtype == object or not (a.size == 0 or np.issubdtype(a.dtype, np.integer)):
         raise TypeError(f"PackedCollator: {what} must hold integers, got dtype {a.dtype}")
+    if row:
+        if a.ndim == 2 and a.shape[0] == 1:
+            a = a[0]
+        if a.ndim != 1:
+            raise ValueError(f"PackedCollator: {what} must be 1-D (one document per row; (1, S) is squeezed), "
+                             f"got shape {tuple(a.shape)}")
     return a.reshape(-1).astype(np.int64, copy=False)
 
 
@@ -100,12 +110,12 @@ class PackedCollator:
             if ("labels" in row) != has_labels:
                 raise ValueError(f"PackedCollator: features[{i}] {'lacks' if has_labels else 'has'} 'labels' "
                                  "unlike features[0]; give labels for all rows or none")
-            x = _ints(row["input_ids"], f"features[{i}]['input_ids']")
+            x = _ints(row["input_ids"], f"features[{i}]['input_ids']", row=True)
             if x.size == 0:
                 raise ValueError(f"PackedCollator: features[{i}]['input_ids'] is empty")
             ids.append(x)
             if has_labels:
-                y = _ints(row["labels"], f"features[{i}]['labels']")
+                y = _ints(row["labels"], f"features[{i}]['labels']", row=True)
                 if y.size != x.size:
                     raise ValueError(f"PackedCollator: features[{i}] has {y.size} labels for {x.size} input_ids")
                 labels.append(y)
