@@ -109,7 +109,8 @@ def select(op: str, device: torch.device, backend: str | None = None,
             raise ValueError(f"LENGEN_BACKEND={env!r} is not one of {BACKENDS}")
         # the environment applies to every op that can honour it (LENGEN_BACKEND=triton must not
         # break the data loader, which has no Triton path); an explicit backend= is strict
-        if env in supported and available(op, env, device):
+        # a peer in the environment is honoured by select_attention, which checks the call's features
+        if env in supported and env not in PEERS and available(op, env, device):
             return env
     if requested is not None:
         if requested not in BACKENDS:
@@ -141,9 +142,9 @@ def peer_missing(name: str) -> Optional[str]:
     return importlib.import_module("lengen_fast.attention.peers").missing(name)
 
 
-def peer_unsupported(name: str, call: "AttentionCall") -> Optional[str]:
-    """The feature of ``call`` that peer ``name`` cannot run, or None."""
-    return importlib.import_module("lengen_fast.attention.peers").unsupported(name, call)
+def peer_unsupported(name: str, call: "AttentionCall", pass_: Optional[str] = None) -> Optional[str]:
+    """The feature of ``call`` that peer ``name`` cannot run in ``pass_`` (None: fwd and bwd), or None."""
+    return importlib.import_module("lengen_fast.attention.peers").unsupported(name, call, pass_)
 
 
 # ================================================================================================ attention
@@ -264,14 +265,15 @@ def select_attention(call: AttentionCall, pass_: str, backend: Optional[str] = N
         return select("attention", call.device, backend, supported)
     env = os.environ.get("LENGEN_BACKEND") or None
     if env in PEERS:
-        if available("attention", env, call.device) and peer_unsupported(env, call) is None:
+        if available("attention", env, call.device) and peer_unsupported(env, call, pass_) is None:
             return env
         env = None
     if env is None and call.device.type in PEER_DEVICES and call.has_hints:
         table, _ = dispatch_table()
         route = table.get(table_key(device_class(call.device), call.dtype, call.head_dim, call.mask_kind, call.docs,
                                     pass_))
-        if route in PEERS and available("attention", route, call.device) and peer_unsupported(route, call) is None:
+        if route in PEERS and available("attention", route, call.device) \
+                and peer_unsupported(route, call, pass_) is None:
             return route
         if route == "triton" and "triton" in supported and available("attention", "triton", call.device):
             return route

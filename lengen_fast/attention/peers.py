@@ -61,9 +61,9 @@ def missing(name: str) -> Optional[str]:
     return None
 
 
-def unsupported(name: str, call) -> Optional[str]:
-    """The feature of ``call`` (a :class:`lengen_fast.backends.AttentionCall`) that peer ``name`` cannot run, or None.
-    Availability (:func:`missing`) is checked separately."""
+def unsupported(name: str, call, pass_: Optional[str] = None) -> Optional[str]:
+    """The feature of ``call`` (a :class:`lengen_fast.backends.AttentionCall`) that peer ``name`` cannot run in pass
+    ``pass_`` ("fwd", "bwd", or None for both), or None. Availability (:func:`missing`) is checked separately."""
     from .. import backends
     if call.device.type not in backends.PEER_DEVICES:
         return f"a {call.device.type} tensor (the peers run on CUDA only)"
@@ -76,7 +76,7 @@ def unsupported(name: str, call) -> Optional[str]:
     if call.head_dim % 8 or call.head_dim > 256:
         return f"head_dim {call.head_dim} (a multiple of 8 up to 256)"
     if name == "fa2":
-        if call.deterministic and not (torch.are_deterministic_algorithms_enabled()
+        if pass_ != "fwd" and call.deterministic and not (torch.are_deterministic_algorithms_enabled()
                                        and not torch.is_deterministic_algorithms_warn_only_enabled()):
             return ("deterministic=True (FA2's deterministic backward follows torch.use_deterministic_algorithms, "
                     "which is off)")
