@@ -186,6 +186,8 @@ class AttentionCall:
 
 def device_class(device: torch.device) -> str:
     """The table's device key: the GPU family named in the device name (H100, H200, A100, ...), else the name."""
+    if device.type != "cuda":
+        return device.type
     name = torch.cuda.get_device_name(device)
     for fam in ("GB200", "B200", "H200", "H100", "H800", "H20", "A100", "A800", "L40S", "L4", "A10"):
         if fam in name.replace("-", " ").split() or f" {fam} " in f" {name} ":
@@ -247,6 +249,42 @@ def dispatch_table() -> tuple[dict, str]:
     except OSError:
         mtime = -1.0
     return _load_table(str(p), mtime)
+
+
+def build_dispatch_table(measured: list[dict], device_cls: str, path) -> dict:
+    """Write the dispatch table from one benchmark run and return it (bench/bench_attention.py --write-table).
+
+    ``measured``: one dict per (layout, pass, route) with dtype, head_dim, mask, docs ("short"/"long"), pass, route,
+    median_ms and ok (the route's outputs and gradients passed the cross-check against the reference). Per key the
+    best route is the one with the smallest summed time over the key's layouts, among routes that were measured and
+    passed on every one of them (a route that fails a check is never chosen). Entries of other device classes in an
+    existing valid table with the same torch minor version are kept."""
+    groups: dict[str, dict[str, list]] = {}
+    for m in measured:
+        key = table_key(device_cls, getattr(torch, m["dtype"]) if isinstance(m["dtype"], str) else m["dtype"],
+                        m["head_dim"], m["mask"], m["docs"], m["pass"])
+        groups.setdefault(key, {}).setdefault(m["route"], []).append(m)
+    entries = {}
+    for key, by_route in groups.items():
+        n_layouts = max(len({m["layout"] for m in ms}) for ms in by_route.values())
+        ms = {r: sum(m["median_ms"] for m in v) for r, v in by_route.items()
+              if all(m["ok"] for m in v) and len({m["layout"] for m in v}) == n_layouts}
+        if ms:
+            best = min(ms, key=ms.get)
+            entries[key] = {"best": best, "ms": {r: round(t, 4) for r, t in sorted(ms.items())},
+                            "layouts": sorted({m["layout"] for v in by_route.values() for m in v})}
+    path = Path(path)
+    old, status = ({}, "absent") if not path.exists() else _load_table(str(path), path.stat().st_mtime)
+    doc = {"version": TABLE_VERSION, "torch": torch.__version__, "written_by": "bench/bench_attention.py --write-table",
+           "entries": {}}
+    if status.startswith("ok"):
+        prev = json.loads(path.read_text())["entries"]
+        doc["entries"] = {k: e for k, e in prev.items() if not k.startswith(device_cls + "|")}
+    doc["entries"].update(entries)
+    doc["entries"] = dict(sorted(doc["entries"].items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
 
 
 def select_attention(call: AttentionCall, pass_: str, backend: Optional[str] = None,
