@@ -254,3 +254,22 @@ def test_kernels_compile_for_sm90():
     """The interpreter does not lower the kernels: compile fwd, dk/dv and dq for an H100 (no GPU needed) in bf16,
     hdim 128, causal, with the first long and the first short config, and check they use tensor-core dots."""
     compile_for_sm90(COMPILE_FOR_SM90)
+
+
+def test_autotune_cache_on_disk(monkeypatch, tmp_path):
+    """$LENGEN_AUTOTUNE_CACHE keeps tuned configs between processes (bench/gpu_check.sh's steps): a stored choice is
+    reused without timing, a stale one (no longer a candidate) is re-tuned."""
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("LENGEN_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setattr(triton_sched, "AUTOTUNE", True)
+    monkeypatch.setattr(triton_sched, "_BEST", {})
+    cands = [KernelConfig(16, 16, 4, 1), KernelConfig(32, 16, 4, 1)]
+    key = ("fwd", 64, False, True, False, False, torch.float16, torch.device("cpu"))
+    triton_sched._disk_store(key, cands[1])
+    assert triton_sched.pick_config(key, cands, lambda cfg: pytest.fail("timed a cached key")) == cands[1]
+    monkeypatch.setattr(triton_sched, "_BEST", {})
+    assert triton_sched._disk_lookup(key, cands[:1]) is None                 # stale: not among the candidates
+    path.write_text("{corrupt")
+    assert triton_sched._disk_lookup(key, cands) is None
+    triton_sched._disk_store(key, cands[0])
+    assert triton_sched._disk_lookup(key, cands) == cands[0]
