@@ -313,23 +313,25 @@ COMPILE_NEW_FOR_SM90 = r"""
 import inspect, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lengen_fast.attention.triton_bwd import _attn_bwd_dkdv, _bwd_delta_doc
+from lengen_fast.attention.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dkdv_packed, _attn_bwd_dq_packed, _bwd_delta_doc
 from lengen_fast.attention.triton_fwd import _attn_fwd_packed
 from lengen_fast.attention.triton_sched import _GPU_CONFIGS, _SHORT_CONFIGS
 F32 = {"qk_scale2", "cap2", "scale"}
 I32_PTR = {"CU_Q", "CU_K", "PREFIX", "ORDER", "CU", "DOC"}
-F32_PTR = {"LSE", "DELTA", "DQ"}
+F32_PTR = {"LSE", "DELTA"}
 BF16_PTR = {"Q", "K", "V", "O", "DO", "DK", "DV"}
 base = dict(HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, EVEN_D=True, DOT_PREC="tf32")
 jobs = [(_attn_bwd_dkdv, dict(UNROLL=2, DQ_ATOMIC=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c)
         for c in (_GPU_CONFIGS["bwd_dkdv"][128][0], _SHORT_CONFIGS["bwd_dkdv"][0])]
 jobs.append((_bwd_delta_doc, dict(BLOCK_M=64, BLOCK_N=64), type("C", (), dict(num_warps=4, num_stages=1))))
-jobs.append((_attn_fwd_packed, dict(BLOCK_M=64, BLOCK_N=64), type("C", (), dict(num_warps=4, num_stages=2))))
+for kern in (_attn_fwd_packed, _attn_bwd_dq_packed, _attn_bwd_dkdv_packed):
+    jobs.append((kern, dict(BLOCK_M=64, BLOCK_N=64), type("C", (), dict(num_warps=4, num_stages=2))))
 for kern, extra, cfg in jobs:
     params = list(inspect.signature(kern.fn).parameters)
+    f32 = F32_PTR | ({"DQ"} if extra.get("DQ_ATOMIC") else set())
     const = {**base, **extra}
-    sig = {p: "constexpr" if p in const else "*i32" if p in I32_PTR else "*fp32" if p in F32_PTR
-           else "*bf16" if p in BF16_PTR else "fp32" if p in F32 else "i32" for p in params}
+    sig = {p: "constexpr" if p in const else "*i32" if p in I32_PTR else "*fp32" if p in f32
+           else "*bf16" if p in BF16_PTR | {"DQ"} else "fp32" if p in F32 else "i32" for p in params}
     src = ASTSource(fn=kern, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 128),
                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
@@ -367,9 +369,11 @@ def _packed_case(lens, **kw) -> Case:
                                 dict(dtype=torch.float32, window=(4, -1), softcap=5.0, tail=1),
                                 dict(layout="packed", scale=0.3, tail=2), dict(D=48)])
 def test_multi_document_tiles_forward(monkeypatch, kw):
-    """Short documents (0-16 tokens) share query and key tiles, masked by document id; the per-document forward
-    kernel must not run."""
+    """Short documents (0-16 tokens) share query and key tiles, masked by document id, forward and backward; the
+    per-document kernels must not run."""
     monkeypatch.setattr(triton_fwd, "_attn_fwd", _NoLaunch("the per-document forward kernel"))
+    monkeypatch.setattr(triton_bwd, "_attn_bwd_dq", _NoLaunch("the per-document dq kernel"))
+    monkeypatch.setattr(triton_bwd, "_attn_bwd_dkdv", _NoLaunch("the per-document dk/dv kernel"))
     _check(_packed_case((0, 1, 16, 5, 0, 9, 2, 13, 1, 7), **kw))
 
 
