@@ -176,6 +176,9 @@ def fwd_fa2(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, left, right, softc
     q, k, v = (_last_dim_dense(x) for x in (q, k, v))
     out, lse = fa2_fwd_kernel(q, k, v, cu_q, cu_k, _hint(max_q), _hint(max_k), bool(causal), float(scale), int(left),
                               right)
+    if tuple(lse.shape) != (q.shape[1], q.shape[0]):
+        raise RuntimeError(f"torch {torch.__version__}'s FA2 returned lse of shape {tuple(lse.shape)}, not the "
+                           f"unpadded (H, total_q) = {(q.shape[1], q.shape[0])} this wrapper expects")
     return finish_fwd(out, lse.contiguous(), cu_q, cu_k, left, right)
 
 
