@@ -242,7 +242,9 @@ BAD = [
     ("softcap", dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
     ("scale", dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite number"),
     ("max_seqlen", dict(max_seqlen_q=-3), ValueError, "max_seqlen_q must be None or a non-negative int"),
-    ("backend_unknown", dict(backend="cudnn"), ValueError, "backend='cudnn' is not one of"),
+    ("backend_unknown", dict(backend="flash9"), ValueError, "backend='flash9' is not one of"),
+    ("backend_peer_on_cpu", dict(backend="cudnn"), ValueError,
+     r"backend='cudnn' cannot run this attention call: a cpu tensor \(the peers run on CUDA only\)"),
     ("backend_unavailable", dict(backend="cuda"), ValueError, "backend='cuda' is not implemented for op 'attention'"),
 ]
 

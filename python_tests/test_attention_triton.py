@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lengen_fast.attention import triton_bwd, triton_sched
+from lengen_fast.attention import triton_bwd, triton_fwd, triton_sched
 from lengen_fast.attention.triton_bwd import attention_bwd_triton
 from lengen_fast.attention.triton_fwd import attention_fwd_triton
 from lengen_fast.attention.triton_sched import KernelConfig, schedule_torch, tile_schedule
@@ -43,14 +43,48 @@ def _kernels(c: Case, q, k, v, dout, cu_q, cu_k, deterministic=True):
     return out, lse, dq, dk, dv
 
 
-def _check(c: Case, seed: int = 0):
+def _check(c: Case, seed: int = 0, deterministic=True):
     inputs = _inputs(c, seed)
-    check_outputs(c, inputs, _kernels(c, *inputs), lambda t: ATOL[c.dtype], "kernel")
+    check_outputs(c, inputs, _kernels(c, *inputs, deterministic=deterministic), lambda t: ATOL[c.dtype],
+                  f"kernel (deterministic={deterministic})")
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("name", list(SMALL_CASES))
-def test_matches_reference(name):
-    _check(SMALL_CASES[name])
+def test_matches_reference(name, deterministic):
+    """deterministic=False runs the single-pass backward (atomic dq) for 16-bit inputs."""
+    _check(SMALL_CASES[name], deterministic=deterministic)
+
+
+def test_single_pass_backward_skips_the_dq_kernel(monkeypatch):
+    """deterministic=False, fp16: dq comes from the dk/dv kernel's atomics; the dq kernel never launches."""
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the dq kernel launched in the single-pass backward")
+    monkeypatch.setattr(triton_bwd, "_attn_bwd_dq", NoLaunch())
+    _check(small((0, 1, 37, 5, 20), H=4, H_kv=2, tail=3), deterministic=False)
+    with pytest.raises(AssertionError, match="dq kernel launched"):
+        _check(small((5, 20)), deterministic=True)
+
+
+@settings(max_examples=8, deadline=None)
+@given(lens=st.lists(st.integers(0, 24), min_size=1, max_size=5), causal=st.booleans(),
+       left=st.sampled_from([-1, 1, 3, 20]), tail=st.integers(0, 3), deterministic=st.booleans(),
+       seed=st.integers(0, 100))
+def test_fuzz_layouts_fp16(lens, causal, left, tail, deterministic, seed):
+    """fp16 (the interpreter's 16-bit dtype) on both backward paths, including zero-length, one- and two-token
+    documents."""
+    _check(small(tuple(lens), H=2, H_kv=1, D=32, causal=causal, window=(left, -1 if causal else 2), tail=tail),
+           seed=seed, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_two_token_documents_fp16(seed, deterministic):
+    """fp16 two-token documents on both backward paths (short rows take delta = sum_j P_ij dP_ij in fp32,
+    _bwd_delta_doc). The reported 5x of eager's error was not reproduced here: with rowsum(dO * O) the worst
+    ratio to eager's error over 24 seeds (D 16 and 64) was 1.5x, with the exact delta 1.6x."""
+    _check(small((2,) * 12 + (1, 2, 0, 2), H=2, H_kv=1, D=32, tail=1), seed=seed, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("fwd,dkdv,dq", [((32, 16), (16, 32), (32, 16)), ((16, 32), (32, 16), (16, 32))])
@@ -254,3 +288,118 @@ def test_kernels_compile_for_sm90():
     """The interpreter does not lower the kernels: compile fwd, dk/dv and dq for an H100 (no GPU needed) in bf16,
     hdim 128, causal, with the first long and the first short config, and check they use tensor-core dots."""
     compile_for_sm90(COMPILE_FOR_SM90)
+
+
+def test_autotune_cache_on_disk(monkeypatch, tmp_path):
+    """$LENGEN_AUTOTUNE_CACHE keeps tuned configs between processes (bench/gpu_check.sh's steps): a stored choice is
+    reused without timing, a stale one (no longer a candidate) is re-tuned."""
+    path = tmp_path / "autotune.json"
+    monkeypatch.setenv("LENGEN_AUTOTUNE_CACHE", str(path))
+    monkeypatch.setattr(triton_sched, "AUTOTUNE", True)
+    monkeypatch.setattr(triton_sched, "_BEST", {})
+    cands = [KernelConfig(16, 16, 4, 1), KernelConfig(32, 16, 4, 1)]
+    key = ("fwd", 64, False, True, False, False, torch.float16, torch.device("cpu"))
+    triton_sched._disk_store(key, cands[1])
+    assert triton_sched.pick_config(key, cands, lambda cfg: pytest.fail("timed a cached key")) == cands[1]
+    monkeypatch.setattr(triton_sched, "_BEST", {})
+    assert triton_sched._disk_lookup(key, cands[:1]) is None                 # stale: not among the candidates
+    path.write_text("{corrupt")
+    assert triton_sched._disk_lookup(key, cands) is None
+    triton_sched._disk_store(key, cands[0])
+    assert triton_sched._disk_lookup(key, cands) == cands[0]
+
+
+COMPILE_NEW_FOR_SM90 = r"""
+import inspect, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lengen_fast.attention.triton_bwd import _attn_bwd_dkdv, _attn_bwd_dkdv_packed, _attn_bwd_dq_packed, _bwd_delta_doc
+from lengen_fast.attention.triton_fwd import _attn_fwd_packed
+from lengen_fast.attention.triton_sched import _GPU_CONFIGS, _SHORT_CONFIGS
+F32 = {"qk_scale2", "cap2", "scale"}
+I32_PTR = {"CU_Q", "CU_K", "PREFIX", "ORDER", "CU", "DOC"}
+F32_PTR = {"LSE", "DELTA"}
+BF16_PTR = {"Q", "K", "V", "O", "DO", "DK", "DV"}
+base = dict(HEAD_DIM=128, BLOCK_D=128, HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, EVEN_D=True, DOT_PREC="tf32")
+jobs = [(_attn_bwd_dkdv, dict(UNROLL=2, DQ_ATOMIC=True, BLOCK_M=c.block_m, BLOCK_N=c.block_n), c)
+        for c in (_GPU_CONFIGS["bwd_dkdv"][128][0], _SHORT_CONFIGS["bwd_dkdv"][0])]
+jobs.append((_bwd_delta_doc, dict(BLOCK_M=64, BLOCK_N=64), type("C", (), dict(num_warps=4, num_stages=1))))
+for kern in (_attn_fwd_packed, _attn_bwd_dq_packed, _attn_bwd_dkdv_packed):
+    jobs.append((kern, dict(BLOCK_M=64, BLOCK_N=64), type("C", (), dict(num_warps=4, num_stages=2))))
+for kern, extra, cfg in jobs:
+    params = list(inspect.signature(kern.fn).parameters)
+    f32 = F32_PTR | ({"DQ"} if extra.get("DQ_ATOMIC") else set())
+    const = {**base, **extra}
+    sig = {p: "constexpr" if p in const else "*i32" if p in I32_PTR else "*fp32" if p in f32
+           else "*bf16" if p in BF16_PTR | {"DQ"} else "fp32" if p in F32 else "i32" for p in params}
+    src = ASTSource(fn=kern, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 128),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = k.asm["ptx"]
+    assert "mma" in ptx, kern
+    if "DQ_ATOMIC" in extra:
+        assert "red." in ptx or "atom." in ptx, "no atomic add in the single-pass backward"
+print("compiled")
+"""
+
+
+def test_new_backward_kernels_compile_for_sm90():
+    """The single-pass backward (dk/dv kernel with DQ_ATOMIC: fp32 atomics into dq), the exact-delta kernel and the
+    multi-document forward compile for an H100 in bf16, hdim 128, causal, with tensor-core dots (no GPU needed)."""
+    compile_for_sm90(COMPILE_NEW_FOR_SM90)
+
+
+# ---------------------------------------------------------------------------------------- multi-document tiles
+
+class _NoLaunch:
+    def __init__(self, what):
+        self.what = what
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.what} launched")
+
+
+def _packed_case(lens, **kw) -> Case:
+    """Self-attention (one cu_seqlens) with short-document hints: the forward takes multi-document tiles."""
+    return small(tuple(lens), max_seqlen=(max(max(lens), 1), max(max(lens), 1)), **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(H=4, H_kv=2, tail=3), dict(dtype=torch.float32, causal=False, tail=2),
+                                dict(dtype=torch.float32, causal=False, window=(3, 2), H=3, H_kv=1),
+                                dict(dtype=torch.float32, window=(4, -1), softcap=5.0, tail=1),
+                                dict(layout="packed", scale=0.3, tail=2), dict(D=48)])
+def test_multi_document_tiles_forward(monkeypatch, kw):
+    """Short documents (0-16 tokens) share query and key tiles, masked by document id, forward and backward; the
+    per-document kernels must not run."""
+    monkeypatch.setattr(triton_fwd, "_attn_fwd", _NoLaunch("the per-document forward kernel"))
+    monkeypatch.setattr(triton_bwd, "_attn_bwd_dq", _NoLaunch("the per-document dq kernel"))
+    monkeypatch.setattr(triton_bwd, "_attn_bwd_dkdv", _NoLaunch("the per-document dk/dv kernel"))
+    _check(_packed_case((0, 1, 16, 5, 0, 9, 2, 13, 1, 7), **kw))
+
+
+@settings(max_examples=8, deadline=None)
+@given(lens=st.lists(st.integers(0, 20), min_size=1, max_size=8), causal=st.booleans(),
+       left=st.sampled_from([-1, 0, 2, 20]), tail=st.integers(0, 20), dtype=st.sampled_from([torch.float16,
+                                                                                            torch.float32]),
+       seed=st.integers(0, 100))
+def test_fuzz_multi_document_tiles(lens, causal, left, tail, dtype, seed):
+    if dtype == torch.float32 and causal and left == 0:
+        left = 1                                   # the one-visible-key fp32 limitation (test_one_visible_key_fp32)
+    _check(_packed_case(lens, H=2, H_kv=1, D=32, dtype=dtype, causal=causal, window=(left, -1 if causal else 3),
+                        tail=tail), seed=seed)
+
+
+def test_multi_document_tiles_need_one_cu_seqlens(monkeypatch):
+    """Different cu_seqlens tensors for q and k, or no/long hints: the per-document tiles (no host sync to compare
+    their values)."""
+    c = _packed_case((3, 9, 4))
+    cu = _cu(c.lens_q)
+    assert triton_fwd.packed_tiles(cu, cu, 9, 9)
+    assert not triton_fwd.packed_tiles(cu, cu.clone(), 9, 9)
+    assert not triton_fwd.packed_tiles(cu, cu, None, 9) and not triton_fwd.packed_tiles(cu, cu, 65, 9)
+    assert not triton_fwd.packed_tiles(_cu([]), _cu([]), 9, 9)
+
+
+def test_multi_document_tiles_wrong_hint_still_correct():
+    """A hint below the real lengths keeps the multi-document tiles, which then walk the long document's keys."""
+    _check(small((3, 40, 0, 17), H=2, H_kv=1, D=32, tail=3, max_seqlen=(4, 4)))

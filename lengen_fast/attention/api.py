@@ -87,7 +87,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, max_seqlen_q=None
     cu_seqlens_q[-1] output 0 (lse +inf) and get zero gradients.
     Returns out (total_q, H, D) in q.dtype, or (out, lse) with lse (H, total_q) fp32 when return_lse.
     deterministic=True asks for a bitwise-repeatable backward (the CPU backward always is).
-    backend: "cpu", "triton" or "reference" (default: backends.DEFAULT_ORDER, or $LENGEN_BACKEND).
+    backend: "cpu", "triton", "reference", or the installed peers "fa2" / "cudnn" (CUDA, fp16/bf16, with max_seqlen
+    hints; a peer that is missing or cannot run the call's features raises ValueError naming it). Default: for CUDA
+    calls with hints the measured dispatch table (lengen_fast/attention/dispatch_table.json), else ours
+    (backends.DEFAULT_ORDER), or $LENGEN_BACKEND. On a peer route the hints must bound every document.
     """
     _check_qkv(q, k, v)
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k

@@ -3,8 +3,10 @@ their fake (meta) kernels and autograd, and the per-backend implementation table
 
   * the ops are torch.library custom ops with fakes and autograd, so ``torch.compile(fullgraph=True)`` traces a
     model that uses them (the public, validating entry point is :mod:`lengen_fast.attention.api`);
-  * inside the ops, :func:`lengen_fast.backends.select` picks an entry of ``_FWD`` / ``_BWD``
-    (cpu: C++ kernels in csrc/attention, triton: :mod:`.triton_fwd` / :mod:`.triton_bwd`, reference: the spec).
+  * inside the ops, :func:`lengen_fast.backends.select_attention` picks an entry of ``_FWD`` / ``_BWD`` for each pass
+    (cpu: C++ kernels in csrc/attention, triton: :mod:`.triton_fwd` / :mod:`.triton_bwd`, reference: the spec,
+    fa2 / cudnn: the installed peers in :mod:`.peers`). The two passes are routed independently: every forward
+    returns lse in our layout, and every backward takes it.
 """
 import functools
 import importlib.util
@@ -100,8 +102,24 @@ def _bwd_reference(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     return tuple(g.contiguous() for g in vjp(dout.to(q.dtype)))
 
 
-_FWD = {"cpu": attention_fwd_cpu, "triton": _fwd_triton, "reference": _fwd_reference}
-_BWD = {"cpu": attention_bwd_cpu, "triton": _bwd_triton, "reference": _bwd_reference}
+def _fwd_peer(name):
+    def fwd(*args):
+        from . import peers
+        return peers.FWD[name](*args)
+    return fwd
+
+
+def _bwd_peer(name):
+    def bwd(*args):
+        from . import peers
+        return peers.BWD[name](*args)
+    return bwd
+
+
+_FWD = {"cpu": attention_fwd_cpu, "triton": _fwd_triton, "reference": _fwd_reference,
+        "fa2": _fwd_peer("fa2"), "cudnn": _fwd_peer("cudnn")}
+_BWD = {"cpu": attention_bwd_cpu, "triton": _bwd_triton, "reference": _bwd_reference,
+        "fa2": _bwd_peer("fa2"), "cudnn": _bwd_peer("cudnn")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,8 +130,18 @@ def _supported() -> tuple:
     return tuple(name for name in _FWD if name != "triton" or have_triton)
 
 
-def _select(device: torch.device, backend: Optional[str]) -> str:
-    return backends.select("attention", device, backend, supported=_supported())
+def attention_call(q, k, max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap,
+                   deterministic) -> backends.AttentionCall:
+    return backends.AttentionCall(q.device, q.dtype, q.shape[2], q.shape[1], k.shape[1], bool(causal), int(window_left),
+                                  0 if causal else int(window_right), float(softcap), bool(deterministic),
+                                  max_seqlen_q, max_seqlen_k)
+
+
+def route(pass_: str, q, k, max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap, deterministic,
+          backend: Optional[str]) -> str:
+    """The backend that runs ``pass_`` ("fwd" or "bwd") of this call (backends.select_attention)."""
+    call = attention_call(q, k, max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap, deterministic)
+    return backends.select_attention(call, pass_, backend, supported=_supported())
 
 
 # ============================================================================ custom ops
@@ -123,7 +151,8 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
              cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int], max_seqlen_k: Optional[int], causal: bool,
              softmax_scale: float, window_left: int, window_right: int, softcap: float, deterministic: bool,
              backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = _FWD[_select(q.device, backend)]
+    impl = _FWD[route("fwd", q, k, max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap,
+                      deterministic, backend)]
     return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                 window_left, window_right, softcap)
 
@@ -140,7 +169,8 @@ def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
              max_seqlen_k: Optional[int], causal: bool, softmax_scale: float, window_left: int, window_right: int,
              softcap: float, deterministic: bool,
              backend: Optional[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = _BWD[_select(q.device, backend)]
+    impl = _BWD[route("bwd", q, k, max_seqlen_q, max_seqlen_k, causal, window_left, window_right, softcap,
+                      deterministic, backend)]
     dq, dk, dv = impl(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                       softmax_scale, window_left, window_right, softcap, deterministic)
     return dq, dk, dv

@@ -14,6 +14,7 @@ import triton.language as tl
 from .triton_common import (
     dot_acc_confined, load_rows, mask_flags, phase_range, row_mask, score_params, scores, visible, visible_range,
 )
+from ..backends import triton_interpret
 from .triton_sched import (
     block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_schedule,
 )
@@ -113,6 +114,99 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, PREFIX, ORDER,
         tl.store(LSE + h * slh + (q0 + rows).to(tl.int64) * slt, lse, mask=row_ok)
 
 
+@triton.jit(do_not_specialize=["B", "TOTAL_Q"])
+def _attn_fwd_packed(Q, K, V, O, LSE, CU, DOC,
+                     sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod, slh, slt,
+                     B, H, GROUP, TOTAL_Q, qk_scale2, cap2, win_left, win_right,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                     EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Multi-document tiles for short documents (self-attention: one cu_seqlens for q and k). One program = BLOCK_M
+    consecutive packed query tokens x one head, whatever documents they belong to; it walks the key tokens of the
+    documents it touches, and a score is kept only when query and key share a document (DOC (T,) int32, B for
+    tail tokens) and the mask sees it. A 16-token document no longer pads a tile of its own."""
+    pid = tl.program_id(0)
+    h = pid % H
+    t0 = (pid // H) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d[None, :] < HEAD_DIM
+    rows = t0 + offs_m
+    in_t = rows < TOTAL_Q
+    end = tl.load(CU + B)                                            # tokens at/after it are tail
+    row_doc = tl.load(DOC + rows, mask=in_t, other=B)
+    real = row_doc < B
+    d_c = tl.minimum(row_doc, tl.maximum(B - 1, 0))
+    row_start = tl.load(CU + d_c, mask=real, other=0)
+    row_len = tl.load(CU + d_c + 1, mask=real, other=0) - row_start
+    i = rows - row_start                                             # position in its document
+    r64 = rows.to(tl.int64)
+    qmask = row_mask(real, dmask, EVEN_D)
+    q = tl.load(Q + h * sqh + r64[:, None] * sqt + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    hk = h // GROUP
+    # keys of the documents of rows [t0, t0 + BLOCK_M): from the first row's document start to the last row's end
+    first_doc = tl.minimum(tl.load(DOC + tl.minimum(t0, TOTAL_Q - 1)), tl.maximum(B - 1, 0))
+    k_lo = tl.load(CU + first_doc)
+    last = tl.minimum(t0 + BLOCK_M, TOTAL_Q) - 1
+    last_doc = tl.minimum(tl.load(DOC + last), tl.maximum(B - 1, 0))
+    k_hi = tl.minimum(tl.load(CU + last_doc + 1), end)
+    if HAS_RIGHT:                                                    # no key after the last row + right
+        k_hi = tl.minimum(k_hi, last + win_right + 1)
+    if HAS_LEFT:
+        k_lo = tl.maximum(k_lo, t0 - win_left)
+    k_lo = (k_lo // BLOCK_N) * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for start_n in range(k_lo, k_hi, BLOCK_N):
+        cols = start_n + offs_n
+        c_ok = (cols < k_hi) & (cols >= 0)
+        col_doc = tl.load(DOC + cols, mask=c_ok, other=-1)
+        col_start = tl.load(CU + tl.maximum(col_doc, 0), mask=c_ok, other=0)
+        c64 = cols.to(tl.int64)
+        kmask = row_mask(c_ok, dmask, EVEN_D)
+        k = tl.load(K + hk * skh + c64[:, None] * skt + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        v = tl.load(V + hk * svh + c64[:, None] * svt + offs_d[None, :] * svd, mask=kmask, other=0.0)
+        sc, mult, _ = scores(q, k, qk_scale2, cap2, SOFTCAP, DOT_PREC)                       # (BM, BN)
+        vis = visible(i[:, None], (cols - col_start)[None, :], 0, win_left, win_right, HAS_LEFT, HAS_RIGHT) \
+            & (row_doc[:, None] == col_doc[None, :]) & c_ok[None, :]
+        sc = tl.where(vis, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1) * mult)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(sc * mult - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    empty = l_i == 0.0                # tail tokens and rows that see no key: out 0, lse +inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    omask = row_mask(in_t, dmask, EVEN_D)
+    tl.store(O + h * soh + r64[:, None] * sot + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=omask)
+    tl.store(LSE + h * slh + r64 * slt, lse, mask=in_t)
+
+
+def packed_tiles(cu_q, cu_k, max_seqlen_q, max_seqlen_k) -> bool:
+    """Multi-document tiles: self-attention (one cu_seqlens tensor for q and k, so no host sync is needed to know
+    they match) with short-document hints (triton_sched.is_short). Hints only pick the kernel: a wrong one costs
+    speed (the tile walks more keys), never correctness."""
+    return PACKED_TILES and is_short(max_seqlen_q, max_seqlen_k) and cu_q.numel() > 1 \
+        and cu_q.data_ptr() == cu_k.data_ptr() and cu_q.shape == cu_k.shape
+
+
+PACKED_TILES = True      # tests switch it off to compare with the per-document tiles
+PACKED_BLOCKS = {"interpret": (16, 16), "gpu": (64, 64)}
+
+
+def doc_ids(cu: torch.Tensor, T: int) -> torch.Tensor:
+    """(T,) int32 document of each packed token (B for tokens at/after cu[-1]); device-side, no sync."""
+    return (torch.searchsorted(cu, torch.arange(T, device=cu.device, dtype=torch.int32), right=True) - 1).to(
+        torch.int32).clamp_(0, cu.numel() - 1)
+
+
 def attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                          softmax_scale, window_left, window_right, softcap):
     """max_seqlen_q/k may be None (the grid comes from shapes); they only pick tile shapes (is_short)."""
@@ -138,7 +232,15 @@ def attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
             EVEN_D=BD == D, DOT_PREC=dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    if Tq > 0 and H > 0:
+    if Tq > 0 and H > 0 and packed_tiles(cu_q, cu_k, max_seqlen_q, max_seqlen_k):
+        bm, bn = PACKED_BLOCKS["interpret" if triton_interpret() else "gpu"]
+        _attn_fwd_packed[(triton.cdiv(Tq, bm) * H,)](
+            q, k, v, out, lse, cu_q, doc_ids(cu_q, Tq),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+            B, H, H // H_kv, Tq, qk_scale2, cap2, left, right,
+            HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=bm, BLOCK_N=bn, HAS_LEFT=has_left, HAS_RIGHT=has_right,
+            SOFTCAP=softcap > 0, EVEN_D=BD == D, DOT_PREC=dot_precision(q.dtype), num_warps=4, num_stages=2)
+    elif Tq > 0 and H > 0:
         short = is_short(max_seqlen_q, max_seqlen_k)
         key = ("fwd", BD, has_left, has_right, softcap > 0, short, q.dtype, q.device)
         launch(pick_config(key, candidate_configs("fwd", BD, q.dtype, short), launch))

@@ -11,6 +11,7 @@ tail tokens at/after ``cu_seqlens[-1]`` (their outputs are zeroed); the remainin
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -210,6 +211,10 @@ def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[K
         return configs[0]
     best = _BEST.get(key)
     if best is None:
+        best = _disk_lookup(key, configs)
+        if best is not None:
+            _BEST[key] = best
+    if best is None:
         from triton.runtime.errors import OutOfResources
         times = []
         for cfg in configs:
@@ -219,7 +224,47 @@ def pick_config(key: tuple, configs: Sequence[KernelConfig], launch: Callable[[K
                 times.append(math.inf)
         best = configs[min(range(len(configs)), key=times.__getitem__)]
         _BEST[key] = best
+        _disk_store(key, best)
     return best
+
+
+# $LENGEN_AUTOTUNE_CACHE: a JSON file that keeps autotuning results between processes (bench/gpu_check.sh sets it,
+# so its test, benchmark and table steps tune each kernel once). Keys name the GPU and the Triton version.
+
+def _disk_key(key: tuple) -> str:
+    dev = next((x for x in key if isinstance(x, torch.device)), None)
+    name = torch.cuda.get_device_name(dev) if dev is not None and dev.type == "cuda" else "cpu"
+    return "|".join([name, triton.__version__] + [str(x) for x in key if not isinstance(x, torch.device)])
+
+
+def _disk_read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _disk_lookup(key: tuple, configs: Sequence[KernelConfig]) -> KernelConfig | None:
+    path = os.environ.get("LENGEN_AUTOTUNE_CACHE")
+    if not path:
+        return None
+    hit = _disk_read(path).get(_disk_key(key))
+    cfg = KernelConfig(*hit) if isinstance(hit, list) and len(hit) == 4 else None
+    return cfg if cfg in configs else None                   # a stale entry (candidates changed) is re-tuned
+
+
+def _disk_store(key: tuple, cfg: KernelConfig) -> None:
+    path = os.environ.get("LENGEN_AUTOTUNE_CACHE")
+    if not path:
+        return
+    doc = _disk_read(path)
+    doc[_disk_key(key)] = [cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=0, sort_keys=True)
+    os.replace(tmp, path)                                    # atomic: parallel test workers share the file
 
 
 def block_d(head_dim: int) -> int:
