@@ -124,7 +124,11 @@ def make_plan(cfg: RunConfig, command: str = "run") -> Plan:
     """Validate ``cfg`` (every field, every arm, budgets, evaluation sets, resume) into a Plan."""
     cfg = copy.deepcopy(cfg)
     check_fields(cfg)
-    notes: list[str] = []
+    class _Notes(list):  # warn at once, so that a later error still shows the warnings before it
+        def append(self, msg):
+            warnings.warn(msg, stacklevel=3)
+            super().append(msg)
+    notes = _Notes()
     m, tc, tr, ex = cfg.model, cfg.task, cfg.train, cfg.extension
     arms = resolve_arms(tr.arms)
     if len(tr.seeds) < 3:
@@ -221,7 +225,7 @@ def make_plan(cfg: RunConfig, command: str = "run") -> Plan:
         table = train_table(tcx, 0, pad_pow2=arm.fit == "pad", docs=(toks, masks, names))
         from .trainer import make_loader
         try:
-            loader = make_loader(table, arm, seq_len, tr.tokens_per_batch, 0)
+            loader = make_loader(table, arm, seq_len, tr.tokens_per_batch, 0, shard=(0, 1))  # whole batches
         except ValueError as e:
             raise ValueError(f"arm {arm.name!r}: {e}") from None
         col = table.column("loss_mask").combine_chunks()
@@ -236,8 +240,6 @@ def make_plan(cfg: RunConfig, command: str = "run") -> Plan:
                              f"train.max_steps_factor x train.steps = {max_steps}; raise train.max_steps_factor or "
                              "lower the budget")
         arm_plans.append(ArmPlan(arm, int(need), float(per), len(loader)))
-    for n in notes:
-        warnings.warn(n, stacklevel=2)
     derived = {"seq_len": seq_len, "doc_max_tokens": doc_max, "eval_lengths": lens, "vocab_size": vocab,
                "text_edges": list(text_edges(cfg)) if text is not None else None, "budget_kind": tr.budget,
                "budget": budget, "supervised_share": sup_share, "max_steps": max_steps,

@@ -27,9 +27,10 @@ from .tasks import PAD
 IGNORE = -100
 
 
-def make_loader(table, arm: ArmConfig, seq_len: int, tokens_per_batch: int, seed: int):
+def make_loader(table, arm: ArmConfig, seq_len: int, tokens_per_batch: int, seed: int,
+                shard: tuple[int, int] | None = None):
     """The data pipeline's loader over the task table for ``arm``'s packing knob (labels are -100 where
-    the loss mask is 0)."""
+    the loss mask is 0). ``shard``: (rank, world size); default this process's."""
     from ..data import LoaderConfig, PackedLoader, open_tokens
 
     source = open_tokens(table, column="input_ids", loss_mask_column="loss_mask")
@@ -41,7 +42,8 @@ def make_loader(table, arm: ArmConfig, seq_len: int, tokens_per_batch: int, seed
     strategy = {"concat": "concat_chunk", "bfd": "pack", "decompose": "vsl"}[arm.packing]
     lc = LoaderConfig(strategy=strategy, tokens_per_batch=tokens_per_batch, max_len=seq_len, min_len=min_len,
                       remainder=decompose, curriculum=arm.curriculum, num_cycles=arm.cycles, seed=seed,
-                      infinite=True, prefetch=0, rank=ctx.rank, world_size=ctx.world_size)
+                      infinite=True, prefetch=0, rank=shard[0] if shard else ctx.rank,
+                      world_size=shard[1] if shard else ctx.world_size)
     return PackedLoader(source, lc)
 
 
