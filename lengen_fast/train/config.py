@@ -163,7 +163,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     pos_offset_max: int = 0             # random per-segment position offset in [0, max] while training;
                                         # for learned positions (RoPE is invariant to a shared offset)
-    eval_every: int = 50
+    eval_every: int = 100
     early_stop: bool = False            # True: training halts when the rule fires (the arm then misses its
                                         # budget and is flagged); False: the rule is only an analysis
     early_stop_min_steps: int = 100     # the rule cannot fire before this step ...

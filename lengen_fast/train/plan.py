@@ -87,8 +87,20 @@ def text_edges(cfg: RunConfig) -> tuple[int, ...]:
     return tuple([0, L] + [round(m * L) for m in sorted(cfg.task.eval_multiples) if m > 1])
 
 
+_DOCS_CACHE: dict = {}   # make_plan sizes the budget on seed 0's documents; the experiment trains on them
+
+
 def task_docs(cfg: RunConfig, tc, seed: int, text, steps: int):
     """The seed's training documents (tokens, masks, task names), shared by every arm of the seed."""
+    key = (repr(tc), seed, text is not None, steps, cfg.train.tokens_per_batch)
+    if key not in _DOCS_CACHE:
+        if len(_DOCS_CACHE) > 8:
+            _DOCS_CACHE.clear()
+        _DOCS_CACHE[key] = _task_docs(cfg, tc, seed, text, steps)
+    return _DOCS_CACHE[key]
+
+
+def _task_docs(cfg: RunConfig, tc, seed: int, text, steps: int):
     from .tasks import text_pieces
     if not tc.train_examples:
         tc = replace(tc, train_examples=auto_train_examples(tc, steps, cfg.train.tokens_per_batch))

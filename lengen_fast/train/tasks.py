@@ -184,6 +184,9 @@ class EvalSet:
 DRAWS_PER_EXAMPLE = 64   # search budget: draws per requested example before a split counts as exhausted
 
 
+_EVAL_CACHE: dict = {}   # the plan's checks and the experiment build the same sets; arrays are read-only
+
+
 def eval_set(task: str, n: int, cfg: TaskConfig, seed: int, split: str) -> EvalSet:
     """Up to ``cfg.eval_examples`` distinct prompts of ``split`` ("val": selection; "test": reported).
 
@@ -191,6 +194,15 @@ def eval_set(task: str, n: int, cfg: TaskConfig, seed: int, split: str) -> EvalS
     """
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    key = (repr(cfg), task, n, seed, split)
+    if key not in _EVAL_CACHE:
+        if len(_EVAL_CACHE) > 256:
+            _EVAL_CACHE.clear()
+        _EVAL_CACHE[key] = _eval_set(task, n, cfg, seed, split)
+    return _EVAL_CACHE[key]
+
+
+def _eval_set(task: str, n: int, cfg: TaskConfig, seed: int, split: str) -> EvalSet:
     rng = np.random.default_rng(_seed("eval", split, task, n, seed))
     seen, docs = set(), []
     for _ in range(DRAWS_PER_EXAMPLE * cfg.eval_examples):
@@ -207,7 +219,9 @@ def eval_set(task: str, n: int, cfg: TaskConfig, seed: int, split: str) -> EvalS
                          f"to hold disjoint train/val/test prompts (found none in "
                          f"{DRAWS_PER_EXAMPLE * cfg.eval_examples} draws); use larger eval_multiples or "
                          "train_max_len")
-    return EvalSet(task, n, np.stack([d[0] for d in docs]), np.stack([d[1] for d in docs]), cfg.eval_examples)
+    tokens, mask = np.stack([d[0] for d in docs]), np.stack([d[1] for d in docs])
+    tokens.flags.writeable = mask.flags.writeable = False
+    return EvalSet(task, n, tokens, mask, cfg.eval_examples)
 
 
 def train_documents(cfg: TaskConfig, seed: int, text_docs: list[np.ndarray] | None = None
