@@ -292,10 +292,12 @@ def ablation_rows(rep) -> list[dict]:
         for sel in SELECTIONS:
             b, x = ood_acc(rep, base, sel), ood_acc(rep, v["arm"], sel)
             ci = paired(x, b)
+            same = all(p is not None and q is not None and p == q for p, q in zip(x, b))
+            word = ("no effect: identical in every seed" if same else
+                    {"holds": "moves it up", "opposite": "moves it down"}.get(verdict(ci), "inconclusive"))
             rows.append({"factor": v["factor"], "arm": v["arm"], "change": knob_diff(rep, v["arm"], base),
                          "note": v["note"], "sel": sel, "base": mean_ci(b), "variant": mean_ci(x), "effect": ci,
-                         "verdict": {"holds": "moves it up", "opposite": "moves it down"}.get(verdict(ci),
-                                                                                              "inconclusive")})
+                         "verdict": word})
     return rows
 
 
@@ -338,7 +340,9 @@ def markdown(rep: dict) -> str:
     if rep.get("ablation"):
         md += ["## Ablation: one factor at a time\n",
                f"Base arm `{rep['ablation']['base']}`; each row changes one knob. OOD acc: mean exact match over tasks "
-               "and lengths beyond the training length.\n", ablation_table(rep), ""]
+               "and lengths beyond the training length. \"Identical in every seed\" means the knob changed nothing "
+               "that the model sees (e.g. attention or positions when every row holds one document).\n",
+               ablation_table(rep), ""]
     for sel, label in SELECTIONS.items():
         md += [f"## Exact match at the {label}\n", accuracy_table(rep, sel), ""]
     md += ["## Claims\n", *claim_summary(rep, rows), "", ctable, "",
