@@ -119,7 +119,7 @@ def run(plan: Plan, log=print) -> dict:
     text = load_text(tc) if "text" in tc.tasks else None
     tcx = dataclasses.replace(tc, train_examples=plan.train_examples)
     runs, extension, boundary = [], [], []
-    t_start = time.time()
+    t_start, load_start = time.time(), (os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     bedges = distance_buckets(plan.seq_len)
     for seed in tr.seeds:
         evals = build_evals(plan, seed, text)
@@ -164,7 +164,7 @@ def run(plan: Plan, log=print) -> dict:
             extension += run_extension(plan, seed, base, evals, text, log)
         if pieces is not None:
             boundary.append({"seed": seed, "edges": bedges, "pieces": len(pieces)})
-    return {"config": cfg.to_dict(), "command": plan.command, "machine": machine(),
+    return {"config": cfg.to_dict(), "command": plan.command, "machine": machine() | {"load_avg_1min_start": load_start},
             "wall_seconds": time.time() - t_start, "derived": dict(plan.derived),
             "arms": [{"name": ap.arm.name, **ap.arm.knobs(), "schedule_steps": ap.schedule_steps,
                       "per_step": ap.per_step, "steps_per_epoch": ap.steps_per_epoch} for ap in plan.arms],

@@ -243,8 +243,10 @@ def boundary_section(rep) -> list[str]:
         cost = paired([x["all"] for x in nv], [x["all"] for x in mk])
         lines += ["", f"- Claim: naive packing raises loss near document boundaries — (near − far) of pack_naive minus "
                   f"that of pack_masked = {fmt_ci(did, 3, True)} nats: **{verdict(did)}**.",
-                  f"- Its overall cost (all tokens, pack_naive − pack_masked) = {fmt_ci(cost, 3, True)} nats: "
-                  f"**{verdict(cost)}** that it is above zero."]
+                  f"- Its overall cost (all tokens, pack_naive − pack_masked) = {fmt_ci(cost, 3, True)} nats: " +
+                  {"holds": "**above zero** (naive packing costs loss overall).",
+                   "opposite": "**below zero** (naive packing had the lower loss overall).",
+                   "inconclusive": "**inconclusive** (not distinguishable from zero)."}[verdict(cost)]]
     return lines
 
 
@@ -319,9 +321,10 @@ def markdown(rep: dict) -> str:
     mc, tc, tr = c["model"], c["task"], c["train"]
     params = rep["runs"][0]["num_params"] if rep["runs"] else 0
     ctable, rows = claims_table(rep)
+    load = (f"{m['load_avg_1min_start']:.1f} at the start, " if m.get("load_avg_1min_start") is not None else "")
     md = ["# lengen-train report\n",
-          f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, 1-min load average "
-          f"{m['load_avg_1min']:.1f} at the start), torch {m['torch']}, {m['date']}; wall time "
+          f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, 1-min load average {load}"
+          f"{m['load_avg_1min']:.1f} at the end), torch {m['torch']}, finished {m['date']}; wall time "
           f"{rep['wall_seconds']:.0f} s. Command: `{rep['command']}`.\n",
           f"Model: {mc['n_layers']} layers, d={mc['d_model']}, {mc['n_heads']} heads, {mc['mlp']} MLP, {params:,} "
           f"parameters, positions: {mc['pos_encoding']}"
