@@ -26,6 +26,9 @@ from .tasks import (EVAL_MOD, auto_train_examples, doc_tokens, eval_set, max_tra
                     text_train_len, train_documents, train_table)
 
 
+PLAN_SAMPLE = 20000     # examples per task that make_plan sizes budgets on
+
+
 def next_pow2(n: int) -> int:
     return 1 << (int(n) - 1).bit_length()
 
@@ -36,7 +39,7 @@ class ArmPlan:
     arm: ArmConfig
     schedule_steps: int          # steps expected to spend the budget (sizes warmup + cosine)
     per_step: float              # expected supervised tokens (or FLOPs) per step, from seed 0's epoch
-    steps_per_epoch: int
+    steps_per_epoch: int         # of the (possibly sampled) plan-time table; the runs report their own
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,10 @@ def make_plan(cfg: RunConfig, command: str = "run") -> Plan:
     # budget: sized on seed 0's documents, the same for every arm and seed
     tcx = tc if tc.train_examples else replace(tc, train_examples=auto_train_examples(tc, tr.steps,
                                                                                       tr.tokens_per_batch))
-    toks, masks, names = task_docs(cfg, tcx, 0, text, tr.steps)
+    # (on at most PLAN_SAMPLE examples per task: a share and a per-step rate need no more, and large presets
+    # would otherwise generate every document twice)
+    tps = replace(tcx, train_examples=min(tcx.train_examples, PLAN_SAMPLE))
+    toks, masks, names = task_docs(cfg, tps, 0, text, tr.steps)
     sup_share = sum(int(mk[1:].sum()) for mk in masks) / sum(len(t) for t in toks)
     if tr.budget == "supervised":
         budget = float(tr.budget_tokens or round(tr.steps * tr.tokens_per_batch * sup_share))
@@ -234,7 +240,7 @@ def make_plan(cfg: RunConfig, command: str = "run") -> Plan:
     max_steps = math.ceil(tr.max_steps_factor * tr.steps)
     arm_plans = []
     for arm in arms:
-        table = train_table(tcx, 0, pad_pow2=arm.fit == "pad", docs=(toks, masks, names))
+        table = train_table(tps, 0, pad_pow2=arm.fit == "pad", docs=(toks, masks, names))
         from .trainer import make_loader
         try:
             loader = make_loader(table, arm, seq_len, tr.tokens_per_batch, 0, shard=(0, 1))  # whole batches

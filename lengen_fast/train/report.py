@@ -89,8 +89,9 @@ def arms_table(rep) -> str:
     lines = ["| arm | " + " | ".join(KNOBS) + " | lr schedule steps | steps per epoch |",
              "|---|" + "---|" * (len(KNOBS) + 2)]
     for a in rep["arms"]:
+        spe = [r["accounting"]["steps_per_epoch"] for r in rep["runs"] if r["arm"] == a["name"]]
         lines.append(f"| {a['name']} | " + " | ".join(str(a[k]) for k in KNOBS) +
-                     f" | {a['schedule_steps']} | {a['steps_per_epoch']} |")
+                     f" | {a['schedule_steps']} | {np.mean(spe) if spe else a['steps_per_epoch']:.0f} |")
     return "\n".join(lines)
 
 
