@@ -22,7 +22,6 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
