@@ -345,7 +345,11 @@ def test_arms_spend_equal_supervised_tokens_within_one_batch(tmp_path):
         acct = t.accounting()
         assert acct["budget_met"] and acct["supervised"] >= plan.budget
         assert acct["slots"] == t.step * cfg.train.tokens_per_batch
-        assert acct["padding"] == acct["slots"] - acct["tokens"] + (acct["padding"] - (acct["slots"] - acct["tokens"]))
+        tail = acct["slots"] - acct["tokens"]                      # empty slots after the last piece of a batch
+        if ap.arm.fit == "pad":                                      # + the PAD tokens inside padded documents
+            assert acct["padding"] > tail
+        else:
+            assert acct["padding"] == tail
         spent[ap.arm.name], steps[ap.arm.name] = acct, t.step
     # every arm stopped at the first step that reached the budget: less than one batch of supervised tokens over
     per_batch = max(a["supervised"] / a["steps"] for a in spent.values())
