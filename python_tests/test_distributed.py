@@ -15,10 +15,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lengen_fast.train import cli, distributed
+import warnings
+
+from lengen_fast.train import cli, distributed, experiment
 from lengen_fast.train import tasks as T
 from lengen_fast.train.config import RunConfig
 from lengen_fast.train.model import Transformer
+from lengen_fast.train.plan import make_plan
+from lengen_fast.train.trainer import Trainer
 
 WORLD = 2
 STEPS = 20
@@ -31,7 +35,8 @@ def tiny_cfg(out: Path) -> RunConfig:
     m.d_model, m.n_layers, m.n_heads, m.max_positions, m.dropout = 16, 1, 2, 64, 0.0
     t.tasks, t.train_min_len, t.train_max_len, t.eval_multiples = ["copy_unique", "parity"], 2, 6, [1.0, 2.0]
     t.train_examples, t.eval_examples, t.alphabet = 150, 9, 16   # 9: uneven eval shards (5 + 4 padded)
-    tr.strategies, tr.tokens_per_batch, tr.steps, tr.eval_every, tr.warmup = ["vsl"], 128, STEPS, 10, 3
+    tr.arms, tr.tokens_per_batch, tr.steps, tr.eval_every, tr.warmup = ["vsl"], 128, STEPS, 10, 3
+    tr.seeds = [0]
     tr.pos_offset_max, tr.threads, tr.early_stop = 8, 1, False   # offsets: one draw sliced by rank
     cfg.extension.extend = False
     cfg.progress = False
@@ -39,16 +44,22 @@ def tiny_cfg(out: Path) -> RunConfig:
     return cfg
 
 
-def make_trainer(cfg: RunConfig, name: str, strategy: str = "vsl"):
-    p = cli.plan(cfg)
-    evals = cli.build_evals(cfg, 0, None)
-    return cli.Trainer(cfg, strategy, 0, cli.table_for(cfg, cfg.task, strategy, 0, None), evals,
-                       T.text_base(cfg.task), Path(cfg.out) / "ckpt" / name, max_len=p["seq_len"],
-                       train_max_len=cfg.task.train_max_len, text_edges=cli.text_edges(cfg))
+def plan_of(cfg: RunConfig):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one seed: no interval
+        return make_plan(cfg)
+
+
+def make_trainer(cfg: RunConfig, name: str, arm: str = "vsl"):
+    plan = plan_of(cfg)
+    evals = experiment.build_evals(plan, 0, None)
+    ap = plan.arm(arm)
+    return Trainer(plan, ap.arm, 0, T.train_table(cfg.task, 0, pad_pow2=ap.arm.fit == "pad"), evals,
+                   Path(cfg.out) / "ckpt" / name, max_steps=STEPS, schedule_steps=STEPS, budget=None)
 
 
 def run_summary(t) -> dict:
-    return {"losses": list(t.losses), "tokens": t.tokens, "flops": t.flops,
+    return {"losses": list(t.losses), "tokens": t.acct["tokens"], "flops": t.flops,
             "history": [(h["step"], h["id"], h["ood"], h["acc"]) for h in t.history]}
 
 
@@ -78,9 +89,9 @@ def scenarios(ctx, out: Path) -> dict:
         fres = make_trainer(cfg, "fsdp_resumed")
         fres.load(out / "ckpt" / "fsdp_part" / "last.pt")
         res["fsdp_resumed"] = run_summary(fres.fit(progress=False))
-        part.restore_best()  # the best weights go back into the sharded model; a plain copy (the
+        part.restore("best_id")  # the best weights go back into the sharded model; a plain copy (the
         # extension study's starting point) gathers them on every rank
-        best = torch.load(out / "ckpt" / "fsdp_part" / "best.pt", weights_only=False)["model"]
+        best = torch.load(out / "ckpt" / "fsdp_part" / "best_id.pt", weights_only=False)["model"]
         full = distributed.context().plain_copy(part.model, lambda: Transformer(part.model.cfg, part.model.vocab_size))
         full = full.state_dict()
         res["fsdp_best_restored"] = set(full) == set(best) and all(torch.equal(full[k], best[k]) for k in best)
@@ -193,10 +204,10 @@ def test_resume_with_a_different_world_size_is_refused(group, tmp_path):
     cfg = tiny_cfg(out)
     cfg.resume = True
     with pytest.raises(ValueError, match="exact continuation is impossible"):
-        cli.plan(cfg)                                        # caught before any training (1 process)
+        plan_of(cfg)                                         # caught before any training (1 process)
     cfg.dist.nproc = 4
     with pytest.raises(ValueError, match="world size 2, this run has world size 4"):
-        cli.plan(cfg)
+        plan_of(cfg)
 
 
 @pytest.mark.parametrize("tpb,nproc,match", [
@@ -208,7 +219,7 @@ def test_world_size_must_divide_the_rows_per_step(tmp_path, tpb, nproc, match):
     cfg = tiny_cfg(tmp_path / "x")
     cfg.train.tokens_per_batch, cfg.dist.nproc = tpb, nproc
     with pytest.raises(ValueError, match=match):
-        cli.plan(cfg)
+        plan_of(cfg)
 
 
 @pytest.mark.parametrize("call,match", [
@@ -285,14 +296,14 @@ def test_single_process_context_is_a_no_op():
 def test_lengen_train_nproc_2_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    flags = ("--nproc 2 --tasks copy_unique --strategies vsl --no-extend --steps 4 --eval-every 2 "
+    flags = ("--nproc 2 --tasks copy_unique --arms vsl --seeds 0 --no-extend --steps 4 --eval-every 2 "
              "--train-examples 80 --eval-examples 4 --train-max-len 6 --eval-multiples 1,2 --alphabet 16 "
              "--d-model 16 --n-layers 1 --n-heads 2 --max-positions 128 --tokens-per-batch 128 "
              "--threads 1 --no-progress")
     cmd = [sys.executable, "-m", "lengen_fast.train", *flags.split(), "--out", str(out)]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("| task | strategy |") == 1         # rank 0 alone prints the table
+    assert p.stdout.count("| arm | supervised tokens |") == 1   # rank 0 alone prints the table
     rep = (out / "report.json").read_text()
     assert '"nproc": 2' in rep
     assert (out / "ckpt" / "vsl_s0" / "last.pt").exists()

@@ -22,14 +22,13 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "gloo", "nccl")
+DIST_BACKENDS = ("auto", "gloo", "nccl")   # process-group backends (not lengen_fast.backends' op backends)
 PARALLEL = ("ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -46,8 +45,8 @@ def has_fsdp2() -> bool:
 def resolve_backend(name: str, cuda_available: bool | None = None) -> str:
     """"auto" -> nccl on CUDA machines, gloo otherwise; a clear error when ``name`` cannot run here."""
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if name not in BACKENDS:
-        raise ValueError(f"dist_backend must be one of {BACKENDS}, got {name!r}")
+    if name not in DIST_BACKENDS:
+        raise ValueError(f"dist_backend must be one of {DIST_BACKENDS}, got {name!r}")
     if name == "auto":
         name = "nccl" if cuda and dist.is_nccl_available() else "gloo"
     if name == "nccl" and not cuda:
@@ -90,21 +89,19 @@ def check_resume_world(ck: dict, world_size: int, path) -> None:
             f"(--nproc {saved} or torchrun --nproc_per_node ...), or start a fresh --out")
 
 
-def check_config(cfg, seq_lens) -> None:
-    """Every distributed bad input fails here, before any worker starts (``cfg``: a RunConfig)."""
-    dc, tr, ex = cfg.dist, cfg.train, cfg.extension
+def check_config(cfg, seq_lens, decompose: bool = False) -> None:
+    """Every distributed bad input fails here, before any worker starts (``cfg``: a RunConfig; ``decompose``:
+    some arm uses packing=decompose, whose every power-of-two bucket up to max(seq_lens) is a row length)."""
+    dc, tr = cfg.dist, cfg.train
     if not isinstance(dc.nproc, int) or isinstance(dc.nproc, bool) or dc.nproc < 1:
-        raise ValueError(f"nproc must be an int >= 1, got {dc.nproc!r}")
+        raise ValueError(f"dist.nproc must be an int >= 1, got {dc.nproc!r}")
     world = env_world_size() if under_launcher() else dc.nproc
     check_parallel(dc.parallel, world)
     placement(dc.dist_backend, dc.device, world)
     lens = set(seq_lens)
-    if "vsl" in tr.strategies or (ex.extend and ex.ext_strategy == "vsl"):
-        lens |= {1 << k for k in range(max(seq_lens).bit_length())}  # every vsl bucket length
+    if decompose:
+        lens |= {1 << k for k in range(max(seq_lens).bit_length())}  # every decompose bucket length
     check_world_size(tr.tokens_per_batch, lens, world)
-    if cfg.resume:
-        for ck in sorted(Path(cfg.out).glob("ckpt/*/last.pt")):
-            check_resume_world(torch.load(ck, map_location="cpu", weights_only=False), world, ck)
 
 
 def env_world_size() -> int:
@@ -136,8 +133,8 @@ def placement(backend: str, device: str, world: int) -> tuple[str, str]:
     One process: ``device`` alone counts. Several: nccl on cuda, gloo on cpu; device "auto" follows the
     backend, and "cuda" makes backend "auto" pick nccl."""
     if world <= 1:
-        if backend not in BACKENDS:
-            raise ValueError(f"dist_backend must be one of {BACKENDS}, got {backend!r}")
+        if backend not in DIST_BACKENDS:
+            raise ValueError(f"dist_backend must be one of {DIST_BACKENDS}, got {backend!r}")
         return "", resolve_device(device)
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
@@ -238,6 +235,14 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
         return t.tolist()
+
+    def union(self, mask):
+        """Element-wise OR of a boolean numpy array over ranks (documents seen / cut by any rank)."""
+        if not self.enabled:
+            return mask
+        t = torch.as_tensor(mask.astype("uint8"), device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.cpu().numpy().astype(bool)
 
     def written(self, path) -> None:
         """After rank 0 wrote ``path``: wait for it, and check every rank can read it (resume and

@@ -1,4 +1,4 @@
-"""A minimal decoder-only transformer over packed (flat) token streams.
+"""What model does lengen-train train? A minimal decoder-only transformer over packed (flat) token streams.
 
 Every forward takes flat tokens (N,), ``cu_seqlens`` (B+1,) int32 delimiting the attention
 segments, and ``positions`` (N,): pre-norm blocks with RMSNorm, lengen_fast.varlen_attention and
@@ -95,8 +95,7 @@ class Transformer(nn.Module):
         for n, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if n.endswith("proj.weight") or n.endswith("down.weight"):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layers))
-        self.rope_scaling = None  # set for evaluation-time (or fine-tune) context extension
-        self.attn_backend = None
+        self.attn_backend = None  # None = lengen_fast.backends' default order
 
     @staticmethod
     def _init(m):
@@ -106,8 +105,11 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens, cu_seqlens, max_seqlen: int, positions):
-        """tokens, positions: (N,) int64; cu_seqlens: (B+1,) int32. Returns logits (N, V)."""
+    def forward(self, tokens, cu_seqlens, max_seqlen: int, positions, rope_scaling=None):
+        """tokens, positions: (N,) int64; cu_seqlens: (B+1,) int32. Returns logits (N, V).
+
+        ``rope_scaling`` (a lengen_fast.rope.RopeScaling): context extension for this call (evaluation, or
+        a fine-tune), passed as an argument so that the model itself never changes."""
         x = self.embed(tokens)                                                      # (N, d)
         if self.pos is not None:
             if int(positions.max()) >= self.pos.num_embeddings:
@@ -116,5 +118,5 @@ class Transformer(nn.Module):
             x = x + self.pos(positions)
         x = F.dropout(x, self.cfg.dropout, self.training)
         for blk in self.blocks:
-            x = blk(x, cu_seqlens, max_seqlen, positions, self.rope_scaling, self.attn_backend)
+            x = blk(x, cu_seqlens, max_seqlen, positions, rope_scaling, self.attn_backend)
         return self.head(self.norm(x))

@@ -1,4 +1,11 @@
-"""report.json, report.md (tables + verdicts computed from the numbers) and PNG plots."""
+"""What did the run measure, and which claims hold? report.json, report.md (tables and verdicts computed
+from the numbers: means with 95% t-intervals over seeds, paired differences) and PNG plots.
+
+A verdict says "holds" only when the 95% interval of the paired difference excludes zero in the
+claimed direction, "opposite" when it excludes zero the other way, and "inconclusive" otherwise,
+always with the numbers. Headline numbers come from the final and the best in-distribution
+validation checkpoints; the best-OOD checkpoint (the "stop when OOD drops" recipe) is its own section.
+"""
 from __future__ import annotations
 
 import json
@@ -7,320 +14,422 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import KNOBS
+from .evaluate import fmt_ci, mean_ci, paired, verdict
 from .tasks import RETRIEVAL, SYNTHESIS
 
-
-def _ms(xs, digits: int = 2) -> str:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    if not xs:
-        return "n/a"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{np.mean(xs):.{digits}f} ± {np.std(xs):.{digits}f}"
+SELECTIONS = {"final": "final checkpoint", "best_id": "best in-distribution validation checkpoint"}
+# (a, b, claim): claims from the literature, tested wherever both arms ran
+CLAIMS = (("pack_masked", "pack_naive", "masked packing generalizes further than naive packing"),
+          ("vsl", "pack_masked", "vsl (decomposition + curriculum) generalizes further than masked BFD packing"),
+          ("vsl", "concat_chunk", "vsl generalizes further than concat_chunk"),
+          ("pack_naive", "concat_chunk", "BFD packing (documents whole) beats concat-and-cut"))
 
 
-def _sci(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    return f"{np.mean(xs):.2e}" if xs else "not reached"
+# ------------------------------------------------------------------------------------------ access
+def _L(rep) -> int:
+    return rep["config"]["task"]["train_max_len"]
 
 
-def _lengths(report) -> list[str]:
-    return [str(n) for n in report["derived"]["eval_lengths"]]
+def _lens(rep) -> list[str]:
+    return [str(n) for n in rep["derived"]["eval_lengths"]]
 
 
-def _mult(report, n: str) -> str:
-    return f"{int(n) / report['config']['task']['train_max_len']:g}×"
+def _mult(rep, n) -> str:
+    return f"{int(n) / _L(rep):g}×"
 
 
-def main_table(report: dict) -> str:
-    """strategy | token efficiency | length generalization | overfitting risk, per task."""
-    lens = _lengths(report)
-    runs = report["runs"]
-    head = ("| task | strategy | tokens/s | FLOPs to target | " +
-            " | ".join(f"acc {_mult(report, n)} (n={n})" for n in lens) +
-            " | gap ID−OOD | critical len | overfitting risk | stopped |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    tasks = list(dict.fromkeys(r["task"] for r in report["results"]))
-    for task in tasks:
-        for strategy in report["config"]["train"]["strategies"]:
-            rs = [r for r in report["results"] if r["task"] == task and r["strategy"] == strategy]
-            rn = [r for r in runs if r["strategy"] == strategy]
-            if not rs:
-                continue
-            stops = [str(r["early_stopped_at"]) if r["early_stopped_at"] is not None else "—" for r in rs]
-            lines.append(
-                f"| {task} | {strategy} | {np.mean([r['tokens_per_second'] for r in rs]):,.0f} | "
-                f"{_sci([r['flops_to_target'] for r in rs])} | " +
-                " | ".join(_ms([r["accuracy"].get(n) for r in rs]) for n in lens) +
-                f" | {_ms([r['generalization_gap'] for r in rs])} | {_ms([r['critical_length'] for r in rs], 0)} | "
-                f"{_ms([100 * r['max_ood_drop_after_best'] for r in rn])}% | {', '.join(stops)} |")
-    return "\n".join(lines)
+def _tasks(rep) -> list[str]:
+    return [t for t in rep["config"]["task"]["tasks"] if t != "text"]
 
 
-def _acc(report, strategy, task, n, seed=None) -> list[float]:
-    return [r["accuracy"][n] for r in report["results"]
-            if r["strategy"] == strategy and r["task"] == task and n in r["accuracy"]
-            and (seed is None or r["seed"] == seed)]
+def _arms(rep) -> list[str]:
+    return [a["name"] for a in rep["arms"]]
 
 
-def verdicts(report: dict) -> list[str]:
-    """Each literature claim checked against the measured numbers, seed by seed."""
-    cfg, out = report["config"], []
-    strategies = cfg["train"]["strategies"]
-    L = cfg["task"]["train_max_len"]
-    lens = _lengths(report)
-    ood = [n for n in lens if int(n) > L]
-    idn = [n for n in lens if int(n) <= L]
-    tasks = [t for t in cfg["task"]["tasks"] if t != "text"]
-    seeds = cfg["train"]["seeds"]
+def _seeds(rep) -> list[int]:
+    return rep["config"]["train"]["seeds"]
 
-    def compare(a, b, claim):
-        if a not in strategies or b not in strategies or not ood:
-            return
-        thr = cfg["train"]["critical_threshold"]
-        for task in tasks:
-            if idn and max(np.mean(_acc(report, x, task, idn[-1])) for x in (a, b)) < thr:
-                out.append(f"- {claim} — {task}: neither learned it in distribution (ID < {thr}), so this run "
-                           "cannot test the claim.")
-                continue
-            for n in ood:
-                per = [(np.mean(_acc(report, a, task, n, s)), np.mean(_acc(report, b, task, n, s))) for s in seeds]
-                wins = sum(x > y for x, y in per)
-                losses = sum(x < y for x, y in per)
-                ma, mb = np.mean(_acc(report, a, task, n)), np.mean(_acc(report, b, task, n))
-                if wins == len(seeds):
-                    word = "holds" + (" (one seed)" if len(seeds) == 1 else f" (all {len(seeds)} seeds)")
-                elif losses == len(seeds):
-                    word = "does not hold (the opposite was measured)"
-                elif wins == losses == 0:
-                    word = "no difference measured"
-                else:
-                    word = f"mixed: {a} higher for {wins}, lower for {losses} of {len(seeds)} seeds"
-                out.append(f"- {claim} — {task} at n={n} ({_mult(report, n)}): {a} {ma:.2f} vs {b} {mb:.2f}: "
-                           f"**{word}**.")
 
-    if "concat_chunk" in strategies and idn and ood:
-        for task in tasks:
-            i, o = np.mean(_acc(report, "concat_chunk", task, idn[-1])), np.mean(
-                [np.mean(_acc(report, "concat_chunk", task, n)) for n in ood])
-            if i < cfg["train"]["critical_threshold"]:
-                out.append(f"- concat_chunk collapses beyond the training length — {task}: it did not learn the "
-                           f"task in distribution (ID {i:.2f}), so this run cannot test the claim.")
-            else:
-                out.append(f"- concat_chunk collapses beyond the training length — {task}: ID {i:.2f}, mean OOD "
-                           f"{o:.2f}: **{'holds' if o < 0.5 * i else 'does not hold'}** "
-                           "(collapse = OOD below half of ID).")
-    compare("vsl", "concat_chunk", "vsl generalizes further than concat_chunk")
-    compare("pack_masked", "pack_naive", "masked packing beats naive packing out of distribution")
-    for b in report["boundary"]:
-        e, nv, mk = b["edges"], b["pack_naive"], b["pack_masked"]
-        near = [i for i in range(len(e) - 1) if e[i] < 8 and not math.isnan(nv[i]) and not math.isnan(mk[i])]
-        if near:
-            d = np.mean([nv[i] - mk[i] for i in near])
-            tot = np.nanmean(nv) - np.nanmean(mk)
-            out.append(f"- naive packing has higher loss near document boundaries (distance < 8), seed {b['seed']}: "
-                       f"naive − masked = {d:+.3f} nats: **{'holds' if d > 0 else 'does not hold'}**; "
-                       f"over all distances {tot:+.3f} nats.")
-    stopped = [r for r in report["runs"] if r["early_stopped_at"] is not None]
-    out.append(f"- OOD early stopping fired in {len(stopped)} of {len(report['runs'])} runs" +
-               ("".join(f"; {r['strategy']} s{r['seed']}: {r['stop_reason']}" for r in stopped)) + ".")
-    t = cfg["task"]
-    if not (t["scratchpad"] or t["index_hints"]):
-        out.append("- scratchpad / index hints: not tested in this run (enable with --scratchpad / --index-hints "
-                   "and compare against a run without them).")
-    else:
-        out.append(f"- scratchpad={t['scratchpad']}, index_hints={t['index_hints']} in this run; compare against a "
-                   "run without them to test the claim.")
+def _run(rep, arm, seed):
+    return next((r for r in rep["runs"] if r["arm"] == arm and r["seed"] == seed), None)
+
+
+def acc(rep, arm, task, n, sel="final") -> list:
+    """Per-seed exact match (None where missing), in seed order: paired across arms."""
+    out = []
+    for s in _seeds(rep):
+        r = _run(rep, arm, s)
+        t = r and r["test"].get(sel)
+        out.append(t["acc"].get(task, {}).get(n) if t else None)
     return out
 
 
-def retrieval_synthesis(report: dict) -> str:
-    lens = _lengths(report)
-    lines = ["| kind | strategy | " + " | ".join(f"{_mult(report, n)}" for n in lens) + " |",
-             "|---|---|" + "---|" * len(lens)]
-    for kind, tasks in (("retrieval", RETRIEVAL), ("synthesis", SYNTHESIS)):
-        present = [t for t in tasks if t in report["config"]["task"]["tasks"]]
-        name = f"{kind} ({', '.join(present or tasks)})"
-        if not present:
-            lines.append(f"| {name} | (no such task in this run) |" + " |" * len(lens))
-            continue
-        for s in report["config"]["train"]["strategies"]:
-            lines.append(f"| {name} | {s} | " + " | ".join(
-                _ms([np.mean([a for t in present for a in _acc(report, s, t, n, seed)])
-                     for seed in report["config"]["train"]["seeds"]]) for n in lens) + " |")
+def ood_acc(rep, arm, sel="final") -> list:
+    """Per-seed mean exact match over tasks and lengths beyond train_max_len."""
+    out = []
+    ood = [n for n in _lens(rep) if int(n) > _L(rep)]
+    for s in _seeds(rep):
+        r = _run(rep, arm, s)
+        t = r and r["test"].get(sel)
+        vals = [t["acc"][k][n] for k in _tasks(rep) for n in ood if t and k in t["acc"]]
+        out.append(float(np.mean(vals)) if vals else None)
+    return out
+
+
+def knob_diff(rep, a, b) -> str:
+    ka = next(x for x in rep["arms"] if x["name"] == a)
+    kb = next(x for x in rep["arms"] if x["name"] == b)
+    d = [f"{k} {kb[k]}→{ka[k]}" for k in KNOBS if ka[k] != kb[k]]
+    return ", ".join(d) or "nothing (same knobs)"
+
+
+# ------------------------------------------------------------------------------------------ tables
+def arms_table(rep) -> str:
+    lines = ["| arm | " + " | ".join(KNOBS) + " | lr schedule steps | steps per epoch |",
+             "|---|" + "---|" * (len(KNOBS) + 2)]
+    for a in rep["arms"]:
+        spe = [r["accounting"]["steps_per_epoch"] for r in rep["runs"] if r["arm"] == a["name"]]
+        lines.append(f"| {a['name']} | " + " | ".join(str(a[k]) for k in KNOBS) +
+                     f" | {a['schedule_steps']} | {np.mean(spe) if spe else a['steps_per_epoch']:.0f} |")
     return "\n".join(lines)
 
 
-def extension_table(report: dict) -> str:
-    ext = report["extension"]
+def budget_table(rep) -> str:
+    kind = rep["derived"]["budget_kind"]
+    lines = ["| arm | budget met | steps | supervised tokens | tokens seen | padding | FLOPs | epochs | "
+             "documents seen | document pieces cut | documents cut |", "|---|" + "---|" * 10]
+    for name in _arms(rep):
+        rs = [r for r in rep["runs"] if r["arm"] == name]
+        if not rs:
+            continue
+        a = [r["accounting"] for r in rs]
+        met = sum(x["budget_met"] for x in a)
+
+        def m(key, f="{:,.0f}"):
+            return f.format(np.mean([x[key] for x in a]))
+        lines.append(f"| {name} | {met}/{len(a)}{'' if met == len(a) else ' **NOT MET**'} | {m('steps')} | "
+                     f"{m('supervised')} | {m('tokens')} | {m('padding')} ({100 * np.mean([x['padding_frac'] for x in a]):.1f}%)"
+                     f" | {np.mean([x['flops'] for x in a]):.3g} | {m('epochs', '{:.2f}')} | "
+                     f"{m('documents_seen')} of {m('documents')} | {m('pieces_cut')} of {m('pieces')} | "
+                     f"{m('documents_cut')} |")
+    what = ("supervised target tokens" if kind == "supervised" else "FLOPs")
+    lines.append(f"\nBudget: {rep['derived']['budget']:.4g} {what} per arm and seed (means over seeds above). "
+                 "Padding = empty slots at row ends plus PAD tokens of fit=pad; it counts against the budget "
+                 "(a padded arm needs more steps for the same supervised tokens).")
+    return "\n".join(lines)
+
+
+def eval_size_lines(rep) -> list[str]:
+    out = []
+    for r in rep["runs"][:1]:
+        d = r["test"]["final"]["distinct"]
+        req = rep["config"]["task"]["eval_examples"]
+        for t, byn in d.items():
+            for n, c in byn.items():
+                if c < req:
+                    out.append(f"- {t} at n={n}: {c} distinct test prompts (of {req} requested; seed {r['seed']}); "
+                               "the prompt space there holds no more that are disjoint from train and validation.")
+    return out or [f"- every test set holds {rep['config']['task']['eval_examples']} distinct prompts."]
+
+
+def accuracy_table(rep, sel: str) -> str:
+    lens = _lens(rep)
+    lines = ["| task | arm | " + " | ".join(f"{_mult(rep, n)} (n={n})" for n in lens) + " |",
+             "|---|---|" + "---|" * len(lens)]
+    for task in _tasks(rep):
+        for name in _arms(rep):
+            lines.append(f"| {task} | {name} | " + " | ".join(fmt_ci(mean_ci(acc(rep, name, task, n, sel)))
+                                                              for n in lens) + " |")
+    return "\n".join(lines)
+
+
+def claim_rows(rep, a, b, claim) -> list[dict]:
+    thr = rep["config"]["train"]["critical_threshold"]
+    ood = [n for n in _lens(rep) if int(n) > _L(rep)]
+    idn = [n for n in _lens(rep) if int(n) <= _L(rep)]
+    rows = []
+    for sel in SELECTIONS:
+        for task in _tasks(rep):
+            learned = [np.mean([x for x in acc(rep, arm, task, idn[-1], sel) if x is not None]) >= thr
+                       for arm in (a, b)] if idn else [True, True]
+            for n in ood:
+                xa, xb = acc(rep, a, task, n, sel), acc(rep, b, task, n, sel)
+                ci = paired(xa, xb)
+                v = verdict(ci) if any(learned) else "untestable"
+                rows.append({"claim": claim, "a": a, "b": b, "sel": sel, "task": task, "n": n, "a_mean": mean_ci(xa),
+                             "b_mean": mean_ci(xb), "diff": ci, "verdict": v})
+    return rows
+
+
+def claims_table(rep) -> tuple[str, list[dict]]:
+    arms = set(_arms(rep))
+    rows = [r for a, b, c in CLAIMS if a in arms and b in arms for r in claim_rows(rep, a, b, c)]
+    if not rows:
+        return "(none of the claimed pairs of arms ran)", []
+    lines = ["| a vs b | selection | task | n | a | b | a − b [95% CI] | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['a']} vs {r['b']} | {r['sel']} | {r['task']} | "
+                     f"{r['n']} ({_mult(rep, r['n'])}) | {r['a_mean']['mean']:.2f} | {r['b_mean']['mean']:.2f} | "
+                     f"{fmt_ci(r['diff'], signed=True)} | **{r['verdict']}** |")
+    return "\n".join(lines), rows
+
+
+def claim_summary(rep, rows) -> list[str]:
+    out = []
+    for a, b, claim in CLAIMS:
+        rs = [r for r in rows if r["a"] == a and r["b"] == b]
+        if not rs:
+            continue
+        counts = {v: sum(r["verdict"] == v for r in rs) for v in ("holds", "inconclusive", "opposite", "untestable")}
+        held = [f"{r['task']}@{r['n']} ({r['sel']})" for r in rs if r["verdict"] == "holds"]
+        out.append(f"- {claim} ({a} vs {b}; differs in {knob_diff(rep, a, b)}): holds in {counts['holds']} of "
+                   f"{len(rs)} (task, length, selection) cells, inconclusive in {counts['inconclusive']}, opposite in "
+                   f"{counts['opposite']}, untestable (neither arm learned the task in distribution) in "
+                   f"{counts['untestable']}" + (f"; holds at {', '.join(held)}" if held else "") + ".")
+    return out
+
+
+def best_ood_table(rep) -> str:
+    lines = ["| arm | rule fired (seeds) | fired at / kept step | OOD acc at best-OOD ckpt | OOD acc at final | "
+             "best-OOD − final [95% CI] |", "|---|---|---|---|---|---|"]
+    for name in _arms(rep):
+        rs = [r for r in rep["runs"] if r["arm"] == name]
+        fired = [r for r in rs if r["early_stop"]["fired_at"] is not None]
+        steps = ", ".join(f"{r['early_stop']['fired_at'] or '—'}/{r['early_stop']['kept_step']}" for r in rs)
+        bo, fi = ood_acc(rep, name, "best_ood"), ood_acc(rep, name, "final")
+        lines.append(f"| {name} | {len(fired)}/{len(rs)} | {steps} | {fmt_ci(mean_ci(bo))} | {fmt_ci(mean_ci(fi))} | "
+                     f"{fmt_ci(paired(bo, fi), signed=True)} |")
+    return "\n".join(lines)
+
+
+def flops_table(rep) -> str:
+    tgt = rep["config"]["train"]["target_acc"]
+    lines = [f"| task | arm | FLOPs to ID accuracy ≥ {tgt} (mean over the seeds that reached it) | seeds that reached it |",
+             "|---|---|---|---|"]
+    for task in _tasks(rep):
+        for name in _arms(rep):
+            v = [r["flops_to_target"].get(task) for r in rep["runs"] if r["arm"] == name]
+            got = [x for x in v if x is not None]
+            lines.append(f"| {task} | {name} | {np.mean(got):.3g} |" if got else f"| {task} | {name} | not reached |")
+            lines[-1] += f" {len(got)} of {len(v)} |"
+    return "\n".join(lines)
+
+
+def boundary_section(rep) -> list[str]:
+    runs = [r for r in rep["runs"] if r.get("boundary")]
+    if not runs:
+        return ["(needs `text` among the training tasks: the diagnostic measures natural-text loss)"]
+    b0 = rep["boundary"][0]
+    lines = [f"Held-out natural text (test windows of the held-out documents, never used for selection), cut into "
+             f"pieces of {min(12, rep['derived']['seq_len'])}–{rep['derived']['seq_len']} tokens ({b0['pieces']} per "
+             "seed, the same for every arm), packed in order into rows and laid out as each arm trains (its attention "
+             "and positions knobs). Near: distances 1–3 from the document start; far: ≥ 8. Loss in nats, mean "
+             "[95% CI] over seeds.\n",
+             "| arm | attention / positions | near | far | near − far | all tokens |", "|---|---|---|---|---|---|"]
+    for name in _arms(rep):
+        rs = [_run(rep, name, s) for s in _seeds(rep)]
+        if not all(r and r.get("boundary") for r in rs):
+            continue
+        a = next(x for x in rep["arms"] if x["name"] == name)
+        g = {k: mean_ci([r["boundary"][k] for r in rs]) for k in ("near", "far", "near_minus_far", "all")}
+        lines.append(f"| {name} | {a['attention']} / {a['positions']} | {fmt_ci(g['near'])} | {fmt_ci(g['far'])} | "
+                     f"{fmt_ci(g['near_minus_far'], signed=True)} | {fmt_ci(g['all'])} |")
+    names = set(_arms(rep))
+    if {"pack_naive", "pack_masked"} <= names:
+        nv = [_run(rep, "pack_naive", s)["boundary"] for s in _seeds(rep)]
+        mk = [_run(rep, "pack_masked", s)["boundary"] for s in _seeds(rep)]
+        did = paired([x["near_minus_far"] for x in nv], [x["near_minus_far"] for x in mk])
+        cost = paired([x["all"] for x in nv], [x["all"] for x in mk])
+        lines += ["", f"- Claim: naive packing raises loss near document boundaries — (near − far) of pack_naive minus "
+                  f"that of pack_masked = {fmt_ci(did, 3, True)} nats: **{verdict(did)}**.",
+                  f"- Its overall cost (all tokens, pack_naive − pack_masked) = {fmt_ci(cost, 3, True)} nats: " +
+                  {"holds": "**above zero** (naive packing costs loss overall).",
+                   "opposite": "**below zero** (naive packing had the lower loss overall).",
+                   "inconclusive": "**inconclusive** (not distinguishable from zero)."}[verdict(cost)]]
+    return lines
+
+
+def retrieval_synthesis(rep) -> str:
+    lens = _lens(rep)
+    lines = ["| kind | arm | " + " | ".join(f"{_mult(rep, n)}" for n in lens) + " |", "|---|---|" + "---|" * len(lens)]
+    for kind, tasks in (("retrieval", RETRIEVAL), ("synthesis", SYNTHESIS)):
+        present = [t for t in tasks if t in _tasks(rep)]
+        if not present:
+            lines.append(f"| {kind} | (no such task in this run) |" + " |" * len(lens))
+            continue
+        for name in _arms(rep):
+            cells = []
+            for n in lens:
+                per = [np.mean([x for t in present for x in [acc(rep, name, t, n)[i]] if x is not None])
+                       for i in range(len(_seeds(rep)))]
+                cells.append(fmt_ci(mean_ci(per)))
+            lines.append(f"| {kind} ({', '.join(present)}) | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def extension_table(rep) -> str:
+    ext = rep["extension"]
     if not ext:
         return "(staged context extension disabled)"
-    lens = [n for n in _lengths(report) if int(n) > report["config"]["task"]["train_max_len"]]
-    tasks = sorted({t for a in ext for t in a["acc"]})
-    lines = ["| task | scaling | arm | fine-tune steps (fraction of pretraining) | " +
-             " | ".join(f"acc {_mult(report, n)}" for n in lens) + " |", "|---|---|---|---|" + "---|" * len(lens)]
-    keys = []
-    for a in ext:
-        if (a["scaling"], a["arm"]) not in keys:
-            keys.append((a["scaling"], a["arm"]))
-    steps = report["config"]["train"]["steps"]
-    for task in tasks:
+    lens = [n for n in _lens(rep) if int(n) > _L(rep)]
+    keys = list(dict.fromkeys((a["scaling"], a["arm"]) for a in ext))
+    lines = ["| task | scaling | arm | fine-tune steps | " + " | ".join(f"acc {_mult(rep, n)}" for n in lens) + " |",
+             "|---|---|---|---|" + "---|" * len(lens)]
+    for task in sorted({t for a in ext for t in a["acc"]}):
         for sc, arm in keys:
             arms = [a for a in ext if a["scaling"] == sc and a["arm"] == arm]
-            ft = arms[0]["finetune_steps"]
-            lines.append(f"| {task} | {sc} | {arm} | {ft} ({ft / steps:.0%}) | " +
-                         " | ".join(_ms([a["acc"][task].get(n) for a in arms]) for n in lens) + " |")
+            lines.append(f"| {task} | {sc} | {arm} | {arms[0]['finetune_steps']} | " +
+                         " | ".join(fmt_ci(mean_ci([a["acc"][task].get(n) for a in arms])) for n in lens) + " |")
     return "\n".join(lines)
 
 
-def _boundary_means(report: dict):
-    """Bucket edges and the per-strategy mean over seeds, keeping buckets that hold any token."""
-    e = report["boundary"][0]["edges"]
-    vals = {s: np.array([b[s] for b in report["boundary"]], dtype=float) for s in ("pack_naive", "pack_masked")}
-    keep = [i for i in range(len(e) - 1) if all(not np.isnan(v[:, i]).all() for v in vals.values())]
-    means = {s: [float(np.nanmean(v[:, i])) for i in keep] for s, v in vals.items()}
-    overall = {s: float(np.nanmean(v)) for s, v in vals.items()}
-    return e, keep, means, overall
+def ablation_rows(rep) -> list[dict]:
+    ab = rep.get("ablation")
+    if not ab:
+        return []
+    base = ab["base"]
+    rows = []
+    for v in ab["variants"]:
+        for sel in SELECTIONS:
+            b, x = ood_acc(rep, base, sel), ood_acc(rep, v["arm"], sel)
+            ci = paired(x, b)
+            same = all(p is not None and q is not None and p == q for p, q in zip(x, b))
+            word = ("no effect: identical in every seed" if same else
+                    {"holds": "moves it up", "opposite": "moves it down"}.get(verdict(ci), "inconclusive"))
+            rows.append({"factor": v["factor"], "arm": v["arm"], "change": knob_diff(rep, v["arm"], base),
+                         "note": v["note"], "sel": sel, "base": mean_ci(b), "variant": mean_ci(x), "effect": ci,
+                         "verdict": word})
+    return rows
 
 
-def boundary_table(report: dict) -> str:
-    if not report["boundary"]:
-        return "(needs both pack_naive and pack_masked)"
-    e, keep, means, overall = _boundary_means(report)
-    cols = [f"{e[i]}" if e[i + 1] - e[i] == 1 else f"{e[i]}–{e[i + 1] - 1}" for i in keep]
-    lines = ["| strategy | " + " | ".join(cols) + " | mean over buckets |", "|---|" + "---|" * (len(cols) + 1)]
-    for s, m in means.items():
-        lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in m) + f" | {overall[s]:.3f} |")
-    return "\n".join(lines)
-
-
-def text_table(report: dict) -> str:
-    edges = report["derived"]["text_edges"]
-    if not edges:
+def ablation_table(rep) -> str:
+    rows = ablation_rows(rep)
+    if not rows:
         return ""
-    lines = ["| strategy | " + " | ".join(f"pos {a}–{b - 1}" for a, b in zip(edges[:-1], edges[1:])) + " |",
-             "|---|" + "---|" * (len(edges) - 1)]
-    for s in report["config"]["train"]["strategies"]:
-        vals = [r["test"]["text_loss"] for r in report["runs"] if r["strategy"] == s and "text_loss" in r["test"]]
-        if vals:
-            lines.append(f"| {s} | " + " | ".join(_ms(col) for col in zip(*vals)) + " |")
+    lines = ["| factor | change | selection | OOD acc, base | OOD acc, variant | effect (variant − base) [95% CI] | "
+             "verdict |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['factor']} | {r['change']}{' (' + r['note'] + ')' if r['note'] else ''} | {r['sel']} | "
+                     f"{fmt_ci(r['base'])} | {fmt_ci(r['variant'])} | {fmt_ci(r['effect'], signed=True)} | "
+                     f"**{r['verdict']}** |")
     return "\n".join(lines)
 
 
-def markdown(report: dict) -> str:
-    c, m = report["config"], report["machine"]
+def markdown(rep: dict) -> str:
+    c, m, d = rep["config"], rep["machine"], rep["derived"]
     mc, tc, tr = c["model"], c["task"], c["train"]
-    runs = report["runs"]
-    params = runs[0]["num_params"] if runs else 0
-    md = [f"# lengen-train report\n",
-          f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads), torch {m['torch']}, "
-          f"{m['date']}; wall time {report['wall_seconds']:.0f} s.\n",
-          f"Model: {mc['n_layers']} layers, d={mc['d_model']}, {mc['n_heads']} heads, {mc['mlp']} MLP, "
-          f"{params:,} parameters, positions: {mc['pos_encoding']}"
+    params = rep["runs"][0]["num_params"] if rep["runs"] else 0
+    ctable, rows = claims_table(rep)
+    load = (f"{m['load_avg_1min_start']:.1f} at the start, " if m.get("load_avg_1min_start") is not None else "")
+    md = ["# lengen-train report\n",
+          f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, 1-min load average {load}"
+          f"{m['load_avg_1min']:.1f} at the end), torch {m['torch']}, finished {m['date']}; wall time "
+          f"{rep['wall_seconds']:.0f} s. Command: `{rep['command']}`.\n",
+          f"Model: {mc['n_layers']} layers, d={mc['d_model']}, {mc['n_heads']} heads, {mc['mlp']} MLP, {params:,} "
+          f"parameters, positions: {mc['pos_encoding']}"
           + (f" with random offsets in [0, {tr['pos_offset_max']}]" if tr["pos_offset_max"] else "") + ". "
           f"Tasks: {', '.join(tc['tasks'])}; training sizes n in [{tc['train_min_len']}, {tc['train_max_len']}] "
-          f"(documents up to {report['derived']['doc_max_tokens']} tokens, rows of {report['derived']['seq_len']}). "
-          f"Each strategy: {tr['steps']} steps × {tr['tokens_per_batch']} tokens per batch, seeds {tr['seeds']}. "
-          f"Accuracy is exact match on {tc['eval_examples']} fresh test examples per task and length, scored with "
-          "the best-OOD checkpoint (selected on separate validation examples).\n",
-          "## Strategies: token efficiency, length generalization, overfitting risk\n",
-          "Mean ± std over seeds. FLOPs to target: training FLOPs at the first validation where the task's "
-          f"in-distribution accuracy reached {tr['target_acc']}. Overfitting risk: the largest relative drop of the "
-          "validation OOD score (the early-stopping metric: accuracy beyond the training length corrected for "
-          "guessing, "
-          "averaged over tasks, a task counting 0 until its in-distribution accuracy reaches the critical threshold) "
-          "after its best step. Critical length: the longest evaluated n with accuracy ≥ "
-          f"{tr['critical_threshold']}.\n", main_table(report), "",
-          "## What the measurements say\n", *verdicts(report), "",
-          "## Retrieval vs synthesis\n",
-          "Passkey retrieval only needs to find one span; synthesis tasks must integrate the whole input. "
-          "A passkey score is not evidence of long-context understanding.\n", retrieval_synthesis(report), "",
-          "## Staged context extension\n",
-          f"A rope model ({c['extension']['ext_strategy']}) pretrained at n ≤ {tc['train_max_len']}, then: "
-          "no extension; "
-          f"RoPE scaling ×{c['extension']['factor']} at evaluation only; scaling plus a brief fine-tune at "
-          f"n ≤ {round(c['extension']['factor'] * tc['train_max_len'])}.\n", extension_table(report), "",
-          "## Naive vs masked packing: loss by distance from the document start\n",
-          "Mean next-token loss on scored tokens of held-out documents packed into rows, bucketed by the "
-          "token's distance from its document's first token.\n", boundary_table(report), ""]
-    if report["derived"]["text_edges"]:
-        md += ["## Natural text: loss by position\n", text_table(report), ""]
-    md += ["## Runs\n", "| strategy | seed | steps | best step | stopped | why |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['strategy']} | {r['seed']} | {r['steps']} | {r['best_step']} | {r['early_stopped_at'] or '—'} | "
-           f"{r['stop_reason']} |" for r in runs]
-    md.append("\nPlots: accuracy_vs_length.png, curves.png, boundary.png.\n")
+          f"(documents up to {d['doc_max_tokens']} tokens, rows of {d['seq_len']}), {tr['tokens_per_batch']} token "
+          f"slots per step. Seeds {_seeds(rep)}: every number is a mean with its 95% t-interval over seeds "
+          "(sample std); a verdict holds only when the interval of the paired difference excludes zero.\n"]
+    if rep["warnings"]:
+        md += ["Warnings:\n"] + [f"- {w}" for w in rep["warnings"]] + [""]
+    md += ["## Arms: the knobs\n", arms_table(rep), "",
+           "## Budgets\n", budget_table(rep), "",
+           "## Evaluation sets\n",
+           "Test prompts are disjoint from validation prompts (and both from training prompts) at every length, "
+           "by a hash split of the prompt.\n", *eval_size_lines(rep), ""]
+    if rep.get("ablation"):
+        md += ["## Ablation: one factor at a time\n",
+               f"Base arm `{rep['ablation']['base']}`; each row changes one knob. OOD acc: mean exact match over tasks "
+               "and lengths beyond the training length. \"Identical in every seed\" means the knob changed nothing "
+               "that the model sees (e.g. attention or positions when every row holds one document).\n",
+               ablation_table(rep), ""]
+    for sel, label in SELECTIONS.items():
+        md += [f"## Exact match at the {label}\n", accuracy_table(rep, sel), ""]
+    md += ["## Claims\n", *claim_summary(rep, rows), "", ctable, "",
+           "## Best-OOD selection (the \"stop when OOD drops\" recipe), a separate analysis\n",
+           f"The rule watches the validation OOD score (chance-corrected, a task counting 0 until learned in "
+           f"distribution) and fires after {tr['early_stop_patience']} validations below best − max("
+           f"{100 * tr['early_stop_drop']:.0f}%, {tr['early_stop_z']:g} × the score's sampling sd), never before step "
+           f"{tr['early_stop_min_steps']} nor before a task is learned in distribution. "
+           + ("Training halted when it fired." if tr["early_stop"] else
+              "Training was not halted (equal budgets); the checkpoint the recipe would keep is scored here.") + "\n",
+           best_ood_table(rep), "",
+           "## FLOPs to target\n", flops_table(rep), "",
+           "## Naive vs masked packing: loss by distance from the document start\n", *boundary_section(rep), "",
+           "## Retrieval vs synthesis (final checkpoint)\n",
+           "Passkey retrieval only needs to find one span; synthesis tasks must integrate the whole input.\n",
+           retrieval_synthesis(rep), "",
+           "## Staged context extension (final checkpoint of the extension arm)\n", extension_table(rep), "",
+           "## Runs\n", "| arm | seed | steps | budget met | best-ID step | OOD rule fired | tokens/s |",
+           "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['arm']} | {r['seed']} | {r['steps']} | {r['accounting']['budget_met']} | {r['best_id_step']} | "
+           f"{r['early_stop']['fired_at'] or '—'} | {r['tokens_per_second']:,.0f} |" for r in rep["runs"]]
+    md.append("\nPlots: accuracy_vs_length.png, curves.png.\n")
     return "\n".join(md)
 
 
-def plots(report: dict, out: Path) -> list[Path]:
+def summary_table(rep) -> str:
+    """The short table printed at the end of a run."""
+    if rep.get("ablation"):
+        return ablation_table(rep)
+    lens = [n for n in _lens(rep) if int(n) > _L(rep)]
+    lines = ["| arm | supervised tokens | padding | OOD acc, final | OOD acc, best-ID |", "|---|---|---|---|---|"]
+    for name in _arms(rep):
+        rs = [r for r in rep["runs"] if r["arm"] == name]
+        lines.append(f"| {name} | {np.mean([r['accounting']['supervised'] for r in rs]):,.0f} | "
+                     f"{100 * np.mean([r['accounting']['padding_frac'] for r in rs]):.1f}% | "
+                     f"{fmt_ci(mean_ci(ood_acc(rep, name)))} | {fmt_ci(mean_ci(ood_acc(rep, name, 'best_id')))} |")
+    return "\n".join(lines) + (f"\n(OOD: n in {lens})" if lens else "")
+
+
+def plots(rep: dict, out: Path) -> list[Path]:
     import matplotlib
-    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    cfg = report["config"]
-    strategies, L = cfg["train"]["strategies"], cfg["task"]["train_max_len"]
-    tasks = [t for t in cfg["task"]["tasks"] if t != "text"]
-    lens = _lengths(report)
+    tasks, lens = _tasks(rep), _lens(rep)
     if tasks:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
         for ax, task in zip(axes[0], tasks):
-            for i, s in enumerate(strategies):  # small x shifts and distinct markers keep equal curves visible
-                acc = [_acc(report, s, task, n) for n in lens]
-                ax.errorbar([int(n) * (1 + 0.02 * (i - 1.5)) for n in lens], [np.mean(a) for a in acc],
-                            yerr=[np.std(a) for a in acc], marker="osD^v"[i % 5], ls=["-", "--", "-.", ":"][i % 4],
-                            capsize=3, label=s)
-            ax.axvline(L, color="gray", ls=":", lw=1)
-            ax.set(title=task, xlabel="problem size n (dotted: max training size)", ylabel="exact match",
-                   ylim=(-0.03, 1.03), xscale="log")
-            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            for i, name in enumerate(_arms(rep)):
+                cis = [mean_ci(acc(rep, name, task, n)) for n in lens]
+                mean = [c["mean"] for c in cis]
+                err = [0 if math.isnan(c["lo"]) else c["mean"] - c["lo"] for c in cis]
+                ax.errorbar([int(n) * (1 + 0.02 * (i - 1.5)) for n in lens], mean, yerr=err, marker="osD^v"[i % 5],
+                            capsize=3, label=name)
+            ax.axvline(_L(rep), color="gray", ls=":", lw=1)
+            ax.set(title=task, xlabel="problem size n", ylabel="exact match (final, 95% CI)", ylim=(-0.03, 1.03),
+                   xscale="log")
             ax.set_xticks([int(n) for n in lens], lens)
-        axes[0][0].legend(fontsize=8, loc="best")
+            ax.minorticks_off()
+        axes[0][0].legend(fontsize=7, loc="best")
         fig.tight_layout()
         paths.append(out / "accuracy_vs_length.png")
-        fig.savefig(paths[-1], dpi=110)
+        fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-    runs = report["runs"]
-    fig, axes = plt.subplots(1, len(strategies), figsize=(4 * len(strategies), 3.2), squeeze=False, sharey=True)
-    for ax, s in zip(axes[0], strategies):
-        for r in (r for r in runs if r["strategy"] == s):
+    names = _arms(rep)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.0), squeeze=False, sharey=True)
+    for ax, name in zip(axes[0], names):
+        for r in (r for r in rep["runs"] if r["arm"] == name):
             steps = [h["step"] for h in r["history"]]
-            ax.plot(steps, [h["id"] for h in r["history"]], color="C0", label=f"ID s{r['seed']}")
-            ax.plot(steps, [h["ood"] for h in r["history"]], color="C3", label=f"OOD s{r['seed']}")
-            ax.plot(steps, [h["ood_score"] for h in r["history"]], color="C3", ls=":",
-                    label=f"OOD score (stop metric) s{r['seed']}")
-            ax.axvline(r["best_step"], color="C2", ls="--", lw=1)
-            if r["early_stopped_at"] is not None:
-                ax.axvline(r["early_stopped_at"], color="k", lw=1.5)
-                ax.annotate("stop", (r["early_stopped_at"], 0.95), fontsize=8)
-        ax.set(title=s, xlabel="step", ylabel="validation score (green dashed: best)")
-    axes[0][0].legend(fontsize=7)
+            ax.plot(steps, [h["id"] for h in r["history"]], color="C0")
+            ax.plot(steps, [h["ood"] for h in r["history"]], color="C3")
+        ax.set(title=name, xlabel="step", ylabel="validation ID (blue) / OOD (red)")
     fig.tight_layout()
     paths.append(out / "curves.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
-    if report["boundary"]:
-        e, keep, means, _ = _boundary_means(report)
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        for s, m in means.items():
-            ax.plot([e[i] for i in keep], m, marker="o", label=s)
-        ax.set(xscale="symlog", xlabel="distance from document start (bucket start)", ylabel="loss (nats)")
-        ax.legend()
-        fig.tight_layout()
-        paths.append(out / "boundary.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
     return paths
 
 
-def write_reports(report: dict, out: Path) -> dict:
+def write_reports(rep: dict, out: Path) -> dict:
     out.mkdir(exist_ok=True)
-    for r in report["results"]:
-        run = next(x for x in report["runs"] if x["strategy"] == r["strategy"] and x["seed"] == r["seed"])
-        r["max_ood_drop_after_best"] = run["max_ood_drop_after_best"]
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
-    md = markdown(report)
-    (out / "report.md").write_text(md)
-    return {"json": out / "report.json", "md": out / "report.md", "plots": plots(report, out),
-            "table": main_table(report)}
+    (out / "report.json").write_text(json.dumps(rep, indent=1, default=float))
+    (out / "report.md").write_text(markdown(rep))
+    return {"json": out / "report.json", "md": out / "report.md", "plots": plots(rep, out),
+            "table": summary_table(rep)}

@@ -1,26 +1,32 @@
-"""Synthetic length-generalization tasks as token documents, plus natural text.
+"""What does the model train and get tested on? Synthetic length-generalization tasks as token documents,
+plus natural text.
 
 A document is ``[BOS, TASK, prompt..., SEP, answer..., EOS]`` with a loss mask that is 1 on the
 answer and EOS tokens (the tokens the model must predict). ``n`` is the problem size (items, bits,
 digits, filler tokens), and the document length is an exact function of ``(task, n)``: every
 evaluation document at one length has the same shape, so a batch of them needs no padding.
 
-Train/eval separation: an example belongs to the evaluation split iff a hash of its prompt falls in
-1/EVAL_MOD of the hash space. Training generation rejects those prompts and evaluation generation
-keeps only those, so no evaluation prompt can ever appear in training, at any length.
+Train/val/test separation by a hash of the prompt: 1/EVAL_MOD of the hash space is evaluation-only
+(training generation rejects those prompts), and that share is split in two halves, validation
+(checkpoint selection, early stopping) and test (reported). So the three splits are disjoint at every
+length. Evaluation sets hold distinct prompts; where a split's share of the prompt space at some n is
+smaller than ``eval_examples`` (e.g. majority at n=8: 186 prompts, about 12 per split), the set holds
+all of them that a bounded search finds, and ``EvalSet.distinct`` says how many.
 """
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import TaskConfig
+if TYPE_CHECKING:  # config imports this module's TASKS; a runtime import back would be a cycle
+    from .config import TaskConfig
 
+TASKS = ("copy_unique", "copy_repeat", "reverse", "parity", "majority", "addition", "passkey", "text")
 PAD, BOS, SEP, EOS, PLUS, KEY, QUERY = range(7)
-TASK_IDS = {name: 8 + i for i, name in enumerate(
-    ("copy_unique", "copy_repeat", "reverse", "parity", "majority", "addition", "passkey", "text"))}
+TASK_IDS = {name: 8 + i for i, name in enumerate(TASKS)}
 FILL0, N_FILL = 16, 8          # filler tokens for passkey
 DIGIT0 = 24                    # digits 0..9 (bits are digits 0/1)
 SYM0 = 34                      # alphabet symbols; index-hint tokens follow them
@@ -123,29 +129,38 @@ def chance(task: str, cfg: TaskConfig) -> float:
     return 0.0
 
 
-def is_eval_prompt(task: str, prompt: list) -> bool:
+def prompt_split(task: str, prompt: list) -> str:
+    """"train", "val" or "test": the split a prompt belongs to, by hash (disjoint at every length)."""
     h = zlib.crc32(np.asarray(prompt, dtype=np.int32).tobytes(), TASK_IDS[task])
-    return h % EVAL_MOD == 0
+    if h % EVAL_MOD:
+        return "train"
+    return "val" if (h // EVAL_MOD) % 2 == 0 else "test"
 
 
-def make_example(task: str, n: int, rng: np.random.Generator, cfg: TaskConfig, split: str,
-                 max_tries: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """One document of ``task`` at size ``n`` from ``split`` ("train" or "eval").
+def is_eval_prompt(task: str, prompt: list) -> bool:
+    return prompt_split(task, prompt) != "train"
 
-    Returns tokens (L,) int32 and loss_mask (L,) int8, 1 where the token is a target (answer + EOS).
-    """
-    want_eval = split == "eval"
-    for _ in range(max_tries):
-        prompt, answer = _prompt_answer(task, n, rng, cfg)
-        if is_eval_prompt(task, prompt) == want_eval:
-            break
-    else:
-        raise ValueError(f"could not draw a {split} example of {task} at n={n} in {max_tries} tries "
-                         "(the prompt space is too small to split train/eval)")
+
+def _document(task: str, prompt: list, answer: list) -> tuple[np.ndarray, np.ndarray]:
     toks = [BOS, TASK_IDS[task]] + prompt + [SEP] + answer + [EOS]
     mask = np.zeros(len(toks), dtype=np.uint8)
     mask[len(prompt) + 3:] = 1
     return np.asarray(toks, dtype=np.int32), mask
+
+
+def make_example(task: str, n: int, rng: np.random.Generator, cfg: TaskConfig, split: str,
+                 max_tries: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """One document of ``task`` at size ``n`` from ``split`` ("train", "val", "test", or "eval" = val or test).
+
+    Returns tokens (L,) int32 and loss_mask (L,) int8, 1 where the token is a target (answer + EOS).
+    """
+    for _ in range(max_tries):
+        prompt, answer = _prompt_answer(task, n, rng, cfg)
+        got = prompt_split(task, prompt)
+        if got == split or (split == "eval" and got != "train"):
+            return _document(task, prompt, answer)
+    raise ValueError(f"could not draw a {split} example of {task} at n={n} in {max_tries} tries "
+                     "(the prompt space is too small to split train/val/test)")
 
 
 def _seed(*parts) -> int:
@@ -154,18 +169,59 @@ def _seed(*parts) -> int:
 
 @dataclass
 class EvalSet:
-    """Same-length evaluation documents of one task at one size: tokens and loss mask (B, L)."""
+    """Same-length evaluation documents of one task at one size: tokens and loss mask (B, L), B distinct prompts."""
     task: str
     n: int
     tokens: np.ndarray
     loss_mask: np.ndarray
+    requested: int = 0
+
+    @property
+    def distinct(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+DRAWS_PER_EXAMPLE = 64   # search budget: draws per requested example before a split counts as exhausted
+
+
+_EVAL_CACHE: dict = {}   # the plan's checks and the experiment build the same sets; arrays are read-only
 
 
 def eval_set(task: str, n: int, cfg: TaskConfig, seed: int, split: str) -> EvalSet:
-    """Fresh evaluation examples; ``split`` is "val" (early stopping) or "test" (reported)."""
+    """Up to ``cfg.eval_examples`` distinct prompts of ``split`` ("val": selection; "test": reported).
+
+    Raises ValueError when the split holds no prompt at n (the prompt space is empty there).
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    key = (repr(cfg), task, n, seed, split)
+    if key not in _EVAL_CACHE:
+        if len(_EVAL_CACHE) > 256:
+            _EVAL_CACHE.clear()
+        _EVAL_CACHE[key] = _eval_set(task, n, cfg, seed, split)
+    return _EVAL_CACHE[key]
+
+
+def _eval_set(task: str, n: int, cfg: TaskConfig, seed: int, split: str) -> EvalSet:
     rng = np.random.default_rng(_seed("eval", split, task, n, seed))
-    ex = [make_example(task, n, rng, cfg, "eval") for _ in range(cfg.eval_examples)]
-    return EvalSet(task, n, np.stack([e[0] for e in ex]), np.stack([e[1] for e in ex]))
+    seen, docs = set(), []
+    for _ in range(DRAWS_PER_EXAMPLE * cfg.eval_examples):
+        prompt, answer = _prompt_answer(task, n, rng, cfg)
+        key = tuple(prompt)
+        if key in seen or prompt_split(task, prompt) != split:
+            continue
+        seen.add(key)
+        docs.append(_document(task, prompt, answer))
+        if len(docs) == cfg.eval_examples:
+            break
+    if not docs:
+        raise ValueError(f"task {task!r} has no {split} prompts at n={n}: the prompt space there is too small "
+                         f"to hold disjoint train/val/test prompts (found none in "
+                         f"{DRAWS_PER_EXAMPLE * cfg.eval_examples} draws); use larger eval_multiples or "
+                         "train_max_len")
+    tokens, mask = np.stack([d[0] for d in docs]), np.stack([d[1] for d in docs])
+    tokens.flags.writeable = mask.flags.writeable = False
+    return EvalSet(task, n, tokens, mask, cfg.eval_examples)
 
 
 def train_documents(cfg: TaskConfig, seed: int, text_docs: list[np.ndarray] | None = None
@@ -193,15 +249,17 @@ def train_documents(cfg: TaskConfig, seed: int, text_docs: list[np.ndarray] | No
     return [toks[i] for i in order], [masks[i] for i in order], [names[i] for i in order]
 
 
-def train_table(cfg: TaskConfig, seed: int, text_docs: list[np.ndarray] | None = None, pad_pow2: bool = False):
+def train_table(cfg: TaskConfig, seed: int, text_docs: list[np.ndarray] | None = None, pad_pow2: bool = False,
+                docs=None):
     """The training documents as an Arrow table (input_ids, loss_mask, task) for the data pipeline.
 
-    ``pad_pow2`` appends PAD tokens (loss mask 0) after EOS up to the next power of two, so that
-    dataset decomposition keeps every example whole instead of cutting answers from prompts.
+    ``pad_pow2`` (knob fit=pad) appends PAD tokens (loss mask 0) after EOS up to the next power of
+    two, so that dataset decomposition keeps every example whole instead of cutting answers from
+    prompts; the trainer counts those tokens as padding. ``docs``: :func:`train_documents`' output.
     """
     import pyarrow as pa
 
-    toks, masks, names = train_documents(cfg, seed, text_docs)
+    toks, masks, names = docs if docs is not None else train_documents(cfg, seed, text_docs)
     if pad_pow2:
         grow = [(1 << (len(t) - 1).bit_length()) - len(t) for t in toks]
         toks = [np.concatenate([t, np.full(g, PAD, np.int32)]) for t, g in zip(toks, grow)]
@@ -214,12 +272,13 @@ def train_table(cfg: TaskConfig, seed: int, text_docs: list[np.ndarray] | None =
 
 
 def auto_train_examples(cfg: TaskConfig, steps: int, tokens_per_batch: int) -> int:
-    """Examples per task so that one epoch holds ``steps`` batches even with power-of-two padding."""
+    """Examples per task so that ``steps`` full batches of unpadded documents are about 0.8 of an epoch
+    (arms compared at equal supervised tokens then see about the same documents, padded or not)."""
     tasks = [t for t in cfg.tasks if t != "text"]
     if not tasks:
         return 0
     sizes = range(cfg.train_min_len, cfg.train_max_len + 1)
-    mean = np.mean([1 << (doc_tokens(t, n, cfg) - 1).bit_length() for t in tasks for n in sizes])
+    mean = np.mean([doc_tokens(t, n, cfg) for t in tasks for n in sizes])
     return int(np.ceil(1.25 * steps * tokens_per_batch / (len(tasks) * mean))) + 64
 
 
