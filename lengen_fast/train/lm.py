@@ -558,7 +558,9 @@ def time_to_target(history: list[dict], target: float) -> dict:
 
 
 def run_lm(cfg: LMConfig, log=print) -> dict:
-    arms = validate(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # main() has shown validate's warnings already
+        arms = validate(cfg)
     tr, ev = cfg.train, cfg.eval
     ctx = _context(tr.device)
     device = ctx.device

@@ -109,6 +109,10 @@ def choose_position_docs(heldout: list[np.ndarray], edges: list[int], per_bucket
         for i in rng.permutation(np.array(cand, dtype=np.int64))[:per_bucket]:
             used.add(int(i))
             chosen.append(np.asarray(heldout[int(i)])[:b])
+        longest = max(len(c) for c in chosen)
+        if longest < b:
+            notes.append(f"no held-out document reaches {b} tokens: bucket [{a}, {b}) is scored only up to "
+                         f"position {longest - 1}")
     return EvalDocs(chosen), list(reversed(notes))
 
 

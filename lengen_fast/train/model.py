@@ -32,12 +32,13 @@ class _ChunkedCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, chunk: int, ignore_index: int):
         N = hidden.shape[0]
         needs = ctx.needs_input_grad
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 reductions (fp64 stays fp64)
         gh = torch.zeros_like(hidden) if needs[0] else None                          # (N, d)
-        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for a in range(0, N, chunk):
             h, y = hidden[a:a + chunk], labels[a:a + chunk]
-            logits = (h @ weight.t()).float()                                         # (c, V)
+            logits = (h @ weight.t()).to(acc)                                         # (c, V)
             valid = y != ignore_index
             yv = torch.where(valid, y, torch.zeros_like(y))
             lse = torch.logsumexp(logits, dim=-1)                                     # (c,)
@@ -50,7 +51,7 @@ class _ChunkedCE(torch.autograd.Function):
                 if gh is not None:
                     gh[a:a + chunk] = (g.to(weight.dtype) @ weight).to(gh.dtype)
                 if gw is not None:
-                    gw += g.t() @ h.float()
+                    gw += g.t() @ h.to(acc)
         ctx.save_for_backward(gh, gw)
         ctx.weight_dtype = weight.dtype
         return total
@@ -69,7 +70,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
 
     hidden (N, d), weight (V, d), labels (N,) int64 (``ignore_index`` rows count nothing).
     reduction: "sum" (differentiable, the usual training path), "mean" (over labelled rows), or
-    "none" (per-row (N,) float32 losses, 0 at ignored rows; computed without autograd).
+    "none" (per-row (N,) losses, 0 at ignored rows; computed without autograd).
     Logits are formed in the inputs' dtype (bf16 under autocast callers) and reduced in fp32.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -82,10 +83,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
     if reduction == "none":
-        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
         with torch.no_grad():
             for a in range(0, hidden.shape[0], chunk):
-                logits = (hidden[a:a + chunk] @ weight.t()).float()
+                logits = (hidden[a:a + chunk] @ weight.t()).to(acc)
                 out[a:a + chunk] = F.cross_entropy(logits, labels[a:a + chunk], ignore_index=ignore_index,
                                                    reduction="none")
         return out
