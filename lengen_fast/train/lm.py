@@ -617,11 +617,13 @@ def run_lm(cfg: LMConfig, log=print) -> dict:
                             "arm": r.arm.knobs(), "seed": seed}, out / "ckpt" / f"{r.label}_s{seed}.pt")
         base = next((r for r in runs if r.label == ev.extrap_arm), None)
         if base is not None:
-            for kind in ev.scalings:
+            own = next(s["loss_by_position"] for s in runs_out if s["arm"] == base.label and s["seed"] == seed)
+            for kind in ev.scalings:  # "none" is the arm's own evaluation above
                 sc = make_scaling(kind, ev.extrap_factor, L)
                 extrap.append({"arm": base.label, "seed": seed, "scaling": kind,
                                "factor": ev.extrap_factor if kind != "none" else 1.0,
-                               "loss_by_position": base.by_position(pos_docs, edges, rope_scaling=sc)})
+                               "loss_by_position": own if sc is None else base.by_position(pos_docs, edges,
+                                                                                          rope_scaling=sc)})
             if ev.staged:
                 staged.append(run_staged(cfg, base, corpus, seed, device, ctx, pos_docs, edges, val, log))
         del runs

@@ -93,26 +93,32 @@ def position_edges(context: int, multiples: list[float]) -> list[int]:
 def choose_position_docs(heldout: list[np.ndarray], edges: list[int], per_bucket: int,
                          seed: int = 0) -> tuple[EvalDocs, list[str]]:
     """Held-out documents for loss by position: for every bucket [a, b), up to ``per_bucket`` documents
-    longer than a (so they reach it), each cut at b; a document is used once, at the highest bucket
-    that picked it (it also covers every bucket below). Returns (docs, notes about unreachable buckets)."""
+    that cover it whole (length >= b), else the longest ones that enter it (length > a), each cut at b;
+    a document is used once, at the highest bucket that picked it (it also covers every bucket below).
+    Returns (docs, notes about buckets that no held-out document reaches, or reaches only in part)."""
     rng = np.random.default_rng(seed)
     lens = np.array([len(d) for d in heldout], dtype=np.int64)
     used: set[int] = set()
     chosen: list[np.ndarray] = []
     notes = []
+    longest = int(lens.max()) if lens.size else 0
     for a, b in reversed(list(zip(edges[:-1], edges[1:]))):
-        cand = [i for i in np.flatnonzero(lens > a + 1) if i not in used]  # at least one target position >= a
-        if not cand and not any(len(c) > a + 1 for c in chosen):
-            notes.append(f"no held-out document is longer than {a} tokens: bucket [{a}, {b}) is skipped "
-                         f"(longest held-out document: {int(lens.max()) if lens.size else 0} tokens)")
-            continue
-        for i in rng.permutation(np.array(cand, dtype=np.int64))[:per_bucket]:
+        free = np.array([i for i in range(len(heldout)) if i not in used], dtype=np.int64)
+        full = free[lens[free] >= b] if free.size else free
+        if full.size:
+            pick = rng.permutation(full)[:per_bucket]
+        else:
+            part = free[lens[free] > a + 1] if free.size else free  # at least one target position >= a
+            pick = part[np.argsort(-lens[part], kind="stable")][:per_bucket]
+            if longest <= a + 1:
+                notes.append(f"no held-out document is longer than {a} tokens: bucket [{a}, {b}) is skipped "
+                             f"(longest held-out document: {longest} tokens)")
+            elif longest < b:
+                notes.append(f"no held-out document reaches {b} tokens: bucket [{a}, {b}) is scored only up to "
+                             f"position {longest - 1}")
+        for i in pick:
             used.add(int(i))
             chosen.append(np.asarray(heldout[int(i)])[:b])
-        longest = max(len(c) for c in chosen)
-        if longest < b:
-            notes.append(f"no held-out document reaches {b} tokens: bucket [{a}, {b}) is scored only up to "
-                         f"position {longest - 1}")
     return EvalDocs(chosen), list(reversed(notes))
 
 
