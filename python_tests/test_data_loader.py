@@ -255,6 +255,35 @@ def test_resume_config_mismatch(src):
         a.load_state_dict({"foo": 1})
 
 
+STATE_BAD = [
+    ("not a dict", lambda s: [s], TypeError, "state_dict must be a dict"),
+    ("missing step", lambda s: {k: v for k, v in s.items() if k != "step"}, ValueError, "missing 'epoch'/'step'"),
+    ("missing config", lambda s: {k: v for k, v in s.items() if k != "config"}, ValueError, "missing 'config'"),
+    ("version 2", lambda s: {**s, "version": 2}, ValueError, r"state_dict\['version'\] must be 1, got 2"),
+    ("epoch float", lambda s: {**s, "epoch": 1.0}, TypeError, r"state_dict\['epoch'\] must be an int, got float"),
+    ("step str", lambda s: {**s, "step": "3"}, TypeError, r"state_dict\['step'\] must be an int, got str"),
+    ("step bool", lambda s: {**s, "step": True}, TypeError, r"state_dict\['step'\] must be an int, got bool"),
+    ("negative epoch", lambda s: {**s, "epoch": -1}, ValueError, r"state_dict\['epoch'\] must be >= 0, got -1"),
+    ("negative step", lambda s: {**s, "step": -2}, ValueError, r"state_dict\['step'\] must be >= 0, got -2"),
+    ("step past epoch", lambda s: {**s, "step": 10**9}, ValueError, r"state_dict\['step'\] = 1000000000 out of range"),
+    ("config list", lambda s: {**s, "config": [1]}, TypeError, r"state_dict\['config'\] must be a dict, got list"),
+    ("source int", lambda s: {**s, "source": 5}, TypeError, r"state_dict\['source'\] must be a str"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,match", STATE_BAD, ids=[b[0] for b in STATE_BAD])
+def test_load_state_dict_bad_state(src, name, mutate, exc, match):
+    a = PackedLoader(src, cfg(prefetch=0))
+    next(iter(a))
+    state = a.state_dict()
+    b = PackedLoader(src, cfg(prefetch=0))
+    with pytest.raises(exc, match=match):
+        b.load_state_dict(mutate(state))
+    assert (b._epoch, b._step) == (0, 0)  # a refused state changes nothing
+    b.load_state_dict({**state, "step": np.int64(state["step"])})  # numpy ints (from a checkpoint) are fine
+    assert b._step == state["step"]
+
+
 def test_bad_tokens_at_batch_time():
     t = pa.table({"input_ids": pa.array([[1] * 300, [2] * 299 + [-5]] * 8, pa.list_(pa.int32()))})
     loader = PackedLoader(open_tokens(t), cfg(strategy="pack", tokens_per_batch=1024, max_len=1024))

@@ -350,17 +350,44 @@ class PackedLoader:
         return {"version": 1, **self._fingerprint(), "epoch": self._epoch, "step": self._step}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or "epoch" not in state or "step" not in state:
-            raise ValueError("state_dict is not a PackedLoader state (missing 'epoch'/'step')")
+        check_state(state)
         mine = self._fingerprint()
-        theirs = state.get("config", {})
+        theirs = state["config"]
         diff = {k: (theirs.get(k), v) for k, v in mine["config"].items() if theirs.get(k) != v}
         if diff:
             desc = ", ".join(f"{k}: saved {a!r} != current {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"state_dict config does not match this loader ({desc})")
-        if state.get("source") != mine["source"]:
-            raise ValueError(f"state_dict was saved for a different source ({state.get('source')} != "
+        if state["source"] != mine["source"]:
+            raise ValueError(f"state_dict was saved for a different source ({state['source']} != "
                              f"{mine['source']})")
-        if not 0 <= int(state["step"]) <= self._steps:
-            raise ValueError(f"state_dict step {state['step']} out of range (steps per epoch: {self._steps})")
+        if state["step"] > self._steps:
+            raise ValueError(f"state_dict['step'] = {state['step']} out of range (steps per epoch: {self._steps})")
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+
+def check_state(state) -> None:
+    """Refuse a loader state with missing fields, wrong types or negative counters, naming the field.
+
+    A state comes from a checkpoint file, so it is untrusted like any other file.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state_dict must be a dict (from PackedLoader.state_dict()), got {type(state).__name__}")
+    if "epoch" not in state or "step" not in state:
+        raise ValueError("state_dict is not a PackedLoader state (missing 'epoch'/'step')")
+    for key in ("version", "config", "source"):
+        if key not in state:
+            raise ValueError(f"state_dict is not a PackedLoader state (missing {key!r})")
+    v = state["version"]
+    if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v != 1:
+        raise ValueError(f"state_dict['version'] must be 1, got {v!r}")
+    for key in ("epoch", "step"):
+        x = state[key]
+        if not isinstance(x, (int, np.integer)) or isinstance(x, bool):
+            raise TypeError(f"state_dict[{key!r}] must be an int, got {type(x).__name__} ({x!r})")
+        if x < 0:
+            raise ValueError(f"state_dict[{key!r}] must be >= 0, got {x}")
+    if not isinstance(state["config"], dict):
+        raise TypeError(f"state_dict['config'] must be a dict, got {type(state['config']).__name__}")
+    if not isinstance(state["source"], str):
+        raise TypeError(f"state_dict['source'] must be a str (the source fingerprint), got "
+                        f"{type(state['source']).__name__}")

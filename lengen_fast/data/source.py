@@ -41,6 +41,8 @@ class TokenSource:
         self.column = column
         self.vocab_size = vocab_size
         self._owner = owner  # keeps a memory map / table alive
+        self.paths: list = []  # the shard files, when opened from files
+        self._chunk_where: list[str] | None = None  # file of each chunk, named in errors
         self._values: list[np.ndarray] = []
         self._mask_values: list[np.ndarray] = []
         lengths, addrs, chunk_ids, mask_addrs = [], [], [], []
@@ -48,7 +50,7 @@ class TokenSource:
         self.dtype = np.dtype(value_type.to_pandas_dtype())
         row = 0
         for ci, ch in enumerate(chunks):
-            offsets = ch.offsets.to_numpy(zero_copy_only=True).astype(np.int64, copy=False)  # (n+1,)
+            offsets = checked_offsets(ch, f"column {column!r} chunk {ci}")  # (n+1,)
             vals = ch.values.to_numpy(zero_copy_only=True)  # the whole child buffer, a view
             base = vals.ctypes.data if vals.size else 0
             self._values.append(vals)
@@ -57,7 +59,7 @@ class TokenSource:
             chunk_ids.append(np.full(len(ch), ci, dtype=np.int32))
             if mask_chunks is not None:
                 m = mask_chunks[ci]
-                moffs = m.offsets.to_numpy(zero_copy_only=True).astype(np.int64, copy=False)
+                moffs = checked_offsets(m, f"loss mask chunk {ci}")
                 mlen = np.diff(moffs)
                 bad = np.flatnonzero(mlen != lengths[-1])
                 if bad.size:
@@ -168,7 +170,8 @@ class TokenSource:
             toks = self.tokens(d)[start[bad]:start[bad] + length[bad]].astype(np.int64)
             wrong = toks[(toks < 0) | ((toks >= self.vocab_size) if self.vocab_size else False)]
             what = "is negative" if wrong[0] < 0 else f"is >= vocab_size={self.vocab_size}"
-            raise ValueError(f"column {self.column!r}: token {int(wrong[0])} in document {d} {what}")
+            shard = f"{self._chunk_where[self._chunk[d]]}: " if self._chunk_where else ""
+            raise ValueError(f"{shard}column {self.column!r}: token {int(wrong[0])} in document {d} {what}")
         return ids, labels, pos, cu
 
 
@@ -196,27 +199,126 @@ def gather_ref(src: TokenSource, doc, start, length, cu, ids, labels, pos, ignor
     return bad
 
 
+# -- validation of untrusted buffers -----------------------------------------------------------
+def checked_offsets(chunk: pa.Array, where: str) -> np.ndarray:
+    """(n+1,) int64 offsets of one list chunk, checked against its values buffer.
+
+    Files are untrusted: a corrupted offset would send the native gather outside the memory map.
+    Offsets must start at >= 0, never decrease, and end at or before the length of the values
+    array. O(documents), vectorized, and the offsets stay a view when they are already int64.
+    ``where`` names the file or column in the error.
+    """
+    if len(chunk) == 0:  # an empty array may carry an empty offsets buffer
+        return np.zeros(1, dtype=np.int64)
+    offsets = chunk.offsets.to_numpy(zero_copy_only=True).astype(np.int64, copy=False)  # (n+1,)
+    n_values = len(chunk.values)
+    if offsets.shape[0] != len(chunk) + 1:
+        raise ValueError(f"{where}: corrupted list offsets: {offsets.shape[0]} offsets for {len(chunk)} documents")
+    if offsets[0] < 0:
+        raise ValueError(f"{where}: corrupted list offsets: the first offset is {int(offsets[0])} (< 0)")
+    dec = np.flatnonzero(offsets[1:] < offsets[:-1])
+    if dec.size:
+        d = int(dec[0])
+        raise ValueError(f"{where}: corrupted list offsets: they decrease at document {d} "
+                         f"({int(offsets[d])} -> {int(offsets[d + 1])})")
+    if offsets[-1] > n_values:
+        raise ValueError(f"{where}: corrupted list offsets: the last offset {int(offsets[-1])} is past the end of "
+                         f"the values buffer ({n_values} values)")
+    return offsets
+
+
 # -- opening ---------------------------------------------------------------------------------
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_IPC_SUFFIXES = (".arrow", ".ipc", ".feather", ".arrows", ".stream")
+SHARD_SUFFIXES = _PARQUET_SUFFIXES + _IPC_SUFFIXES
+MANIFEST_NAME = "manifest.json"
+
+
 def _read_path(path: Path, column: str, mask_column: str | None):
+    """(table, owner) of one Parquet or Arrow IPC file; every failure is a ValueError naming the file."""
     if not path.exists():
         raise FileNotFoundError(f"source: no such file {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"source: {str(path)!r} is a directory inside a list of shards; pass the directory "
+                         "itself (or a glob) to open all its shards, or list the shard files")
     cols = [column] + ([mask_column] if mask_column else [])
-    if path.suffix in (".parquet", ".pq"):
-        schema = pq.read_schema(path)
+    if path.suffix in _PARQUET_SUFFIXES:
+        try:
+            schema = pq.read_schema(path)
+            schema.names  # noqa: B018 - decodes the field names (bytes from the file)
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"source: {str(path)!r} is not a readable Parquet file (corrupted or truncated?): "
+                             f"{e}") from e
         for c in cols:
             if c not in schema.names:
                 raise ValueError(f"column {c!r} not found in {path.name}; available: {schema.names}")
-        return pq.read_table(path, columns=cols, memory_map=True), None
-    mm = pa.memory_map(str(path), "r")
-    try:
-        table = pa.ipc.open_file(mm).read_all()
-    except pa.ArrowInvalid:
-        mm.seek(0)
         try:
-            table = pa.ipc.open_stream(mm).read_all()
-        except pa.ArrowInvalid as e:
-            raise ValueError(f"source: {path.name} is neither an Arrow IPC file/stream nor Parquet") from e
-    return table, mm
+            table = pq.read_table(path, columns=cols, memory_map=True)
+            table.validate()  # buffer sizes against lengths: O(columns)
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"source: cannot read Parquet file {str(path)!r} (corrupted or truncated?): {e}") from e
+        return table, None
+    try:
+        mm = pa.memory_map(str(path), "r")
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"source: cannot memory-map {str(path)!r}: {e}") from e
+    errors = []
+    with open(path, "rb") as f:
+        is_file_format = f.read(6) == b"ARROW1"  # the IPC file magic; streams have none
+    kinds = (("IPC file", pa.ipc.open_file),) if is_file_format else (("IPC stream", pa.ipc.open_stream),)
+    for kind, opener in kinds:
+        try:
+            mm.seek(0)
+            table = opener(mm).read_all()
+            table.schema.names  # noqa: B018 - decodes the field names (bytes from the file)
+            # Cheap structural check: every buffer is as large as the lengths say (O(columns));
+            # the list offsets themselves are checked by checked_offsets.
+            table.validate()
+            return table, mm
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            errors.append(f"as an {kind}: {e}")
+    if path.suffix in _IPC_SUFFIXES or is_file_format:
+        raise ValueError(f"source: cannot read Arrow IPC file {str(path)!r} (corrupted or truncated?); "
+                         + "; ".join(errors))
+    raise ValueError(f"source: {path.name} is neither an Arrow IPC file/stream nor Parquet ("
+                     + "; ".join(errors) + ")")
+
+
+def _has_glob(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
+
+
+def resolve_shards(source) -> tuple[list[Path], Path | None]:
+    """(shard paths, directory holding a manifest or None) for a file, directory, glob or list.
+
+    A directory: its manifest's shards when it has ``manifest.json`` (see prepare.py), else its
+    ``*.arrow``/``*.ipc``/``*.feather``/``*.parquet`` files in sorted order (not recursive).
+    """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise ValueError("source: an empty list of shards")
+        bad = [s for s in source if not isinstance(s, (str, os.PathLike))]
+        if bad:
+            raise TypeError("source must be a pyarrow Array/ChunkedArray/Table, a datasets.Dataset, a path, or a "
+                            f"list of shard paths; got a list holding {type(bad[0]).__name__}")
+        return [Path(s) for s in source], None
+    s = os.fspath(source)
+    path = Path(s)
+    if path.is_dir():
+        if (path / MANIFEST_NAME).exists():
+            return [], path
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SHARD_SUFFIXES)
+        if not files:
+            raise ValueError(f"source: directory {s!r} has no {MANIFEST_NAME} and no token shards "
+                             f"({', '.join('*' + x for x in SHARD_SUFFIXES)})")
+        return files, None
+    if not path.exists() and _has_glob(s):
+        import glob
+        files = sorted(Path(p) for p in glob.glob(s) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"source: no files match {s!r}")
+        return files, None
+    return [path], None
 
 
 def _hf_table(source):
@@ -241,78 +343,182 @@ def _column(table: pa.Table, name: str, arg: str) -> pa.ChunkedArray:
     return table.column(name)
 
 
-def _check_list_column(col: pa.ChunkedArray, name: str, allowed, what: str) -> list:
+def _check_list_column(col: pa.ChunkedArray, name: str, allowed, what: str, where: str = "") -> list:
     t = col.type
     if not _is_list(t) or t.value_type not in allowed:
-        raise TypeError(f"column {name!r} must be a list or large_list of {what}, got {t}")
-    if col.null_count:
-        first = next(i for i, v in enumerate(pc.is_null(col).to_numpy(zero_copy_only=False)) if v)
-        raise ValueError(f"column {name!r} has {col.null_count} null documents (first at row {first})")
+        raise TypeError(f"{where + ': ' if where else ''}column {name!r} must be a list or large_list of {what}, "
+                        f"got {t}")
     chunks = [c for c in col.chunks]
+    for c in chunks:  # before anything (flatten, is_null, native code) follows the offsets
+        checked_offsets(c, where or f"column {name!r}")
+    if col.null_count:
+        first = int(np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"column {name!r} has {col.null_count} null documents (first at row {first})")
     for c in chunks:
         if c.values.null_count and pc.sum(pc.is_null(c.flatten())).as_py():
             raise ValueError(f"column {name!r} has null tokens inside a document")
     return chunks
 
 
-def open_tokens(source, column: str = "input_ids", *, loss_mask_column: str | None = None,
-                vocab_size: int | None = None) -> TokenSource:
-    """Open a token column without copying the tokens.
+def _check_vocab(chunks: list, column: str, vocab_size: int, row0: int = 0, where: str = "") -> None:
+    for ci, c in enumerate(chunks):
+        flat = c.flatten()
+        if len(flat) == 0:
+            continue
+        mm = pc.min_max(flat).as_py()
+        if mm["min"] < 0 or mm["max"] >= vocab_size:
+            bad_val = mm["min"] if mm["min"] < 0 else mm["max"]
+            tok_pos = pc.index(flat, bad_val).as_py()
+            offs = c.offsets.to_numpy(zero_copy_only=False)
+            doc = int(np.searchsorted(offs, offs[0] + tok_pos, side="right") - 1)
+            doc += row0 + sum(len(x) for x in chunks[:ci])
+            what = "is negative" if bad_val < 0 else f"is >= vocab_size={vocab_size}"
+            raise ValueError(f"{where + ': ' if where else ''}column {column!r}: token {bad_val} in document {doc} "
+                             f"{what}")
 
-    source: pyarrow Array / ChunkedArray / Table, a Parquet path, an Arrow IPC path (memory
-    mapped), or a HF ``datasets.Dataset``. The column must be list or large_list of int32,
-    int64, uint16 or uint32 (chunked or sliced). ``loss_mask_column`` (list of bool/uint8, same
-    lengths) marks the tokens that are scored. With ``vocab_size`` every token is checked once
-    here (one pass over the data); gather() checks the tokens it copies in any case.
-    """
-    if vocab_size is not None and (not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1):
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    owner = None
-    indices = None
-    mask_col = None
-    if isinstance(source, (str, os.PathLike)):
-        source, owner = _read_path(Path(source), column, loss_mask_column)
-    elif not isinstance(source, (pa.Table, pa.Array, pa.ChunkedArray)):
-        table, indices = _hf_table(source)
-        if table is None:
-            raise TypeError("source must be a pyarrow Array/ChunkedArray/Table, a Parquet or Arrow IPC path, "
-                            f"or a datasets.Dataset; got {type(source).__name__}")
-        source = table
-    if isinstance(source, pa.Table):
-        col = _column(source, column, "column")
-        if loss_mask_column is not None:
-            mask_col = _column(source, loss_mask_column, "loss_mask_column")
-        owner = owner or source
-    else:
-        if loss_mask_column is not None:
-            raise ValueError("loss_mask_column needs a table source (got a bare array)")
-        col = source if isinstance(source, pa.ChunkedArray) else pa.chunked_array([source])
-        owner = owner or col
+
+def _table_chunks(table: pa.Table, column: str, loss_mask_column: str | None, where: str):
+    """(token chunks, mask chunks or None, value type) of one table, validated."""
+    for name, arg in ((column, "column"), (loss_mask_column, "loss_mask_column")):
+        if where and name is not None and name not in table.column_names:
+            raise ValueError(f"{arg}: column {name!r} not found in {Path(where).name}; available: "
+                             f"{table.column_names}")
+    col = _column(table, column, "column")
+    mask_col = _column(table, loss_mask_column, "loss_mask_column") if loss_mask_column is not None else None
     if pa.types.is_null(col.type):
-        raise ValueError(f"column {column!r} is entirely null")
-    chunks = _check_list_column(col, column, tuple(_TOKEN_TYPES), "int32/int64/uint16/uint32")
+        raise ValueError(f"{where + ': ' if where else ''}column {column!r} is entirely null")
+    chunks = _check_list_column(col, column, tuple(_TOKEN_TYPES), "int32/int64/uint16/uint32", where)
     mask_chunks = None
     if mask_col is not None:
-        mask_chunks = _check_list_column(mask_col, loss_mask_column, _MASK_TYPES, "bool/uint8/int8")
+        mask_chunks = _check_list_column(mask_col, loss_mask_column, _MASK_TYPES, "bool/uint8/int8", where)
         if [len(c) for c in mask_chunks] != [len(c) for c in chunks]:
             # align the mask's chunking with the token column's (slices are views)
             whole = mask_col.combine_chunks()
             starts = np.cumsum([0] + [len(c) for c in chunks[:-1]])
             mask_chunks = [whole.slice(int(o), len(c)) for o, c in zip(starts, chunks)]
-    if indices is not None and indices.size and (indices.min() < 0 or indices.max() >= len(col)):
+    return chunks, mask_chunks, col.type.value_type
+
+
+def _open_shards(paths: list[Path], column: str, loss_mask_column: str | None, vocab_size: int | None,
+                 expect: list[dict] | None = None, scan_vocab: bool = True) -> TokenSource:
+    """One TokenSource over all shards: their chunks side by side, nothing copied.
+
+    ``expect``: the manifest's record per shard (bytes, docs, tokens, lengths hash), checked so a
+    shard that changed since the manifest was written is refused by name.
+    """
+    chunks, mask_chunks, owners, chunk_where = [], [] if loss_mask_column else None, [], []
+    value_type = None
+    for i, path in enumerate(paths):
+        rec = expect[i] if expect is not None else None
+        if rec is not None:
+            if not path.exists():
+                raise FileNotFoundError(f"source: shard {str(path)!r} listed in the manifest has disappeared")
+            size = path.stat().st_size
+            if size != rec["bytes"]:
+                raise ValueError(f"source: shard {str(path)!r} changed since the manifest was written "
+                                 f"({size} bytes, the manifest says {rec['bytes']})")
+        table, mm = _read_path(path, column, loss_mask_column)
+        owners.append((table, mm))
+        ch, mch, vt = _table_chunks(table, column, loss_mask_column, str(path))
+        if value_type is None:
+            value_type = vt
+        elif vt != value_type:
+            raise TypeError(f"source: shard {str(path)!r} holds {vt} tokens but {str(paths[0])!r} holds "
+                            f"{value_type}; all shards must share one token type")
+        if rec is not None:
+            n_docs = sum(len(c) for c in ch)
+            lengths = np.concatenate([np.diff(checked_offsets(c, str(path))) for c in ch]) if ch else \
+                np.zeros(0, np.int64)
+            got = {"docs": n_docs, "tokens": int(lengths.sum()), "lengths_hash": lengths_hash(lengths)}
+            diff = [f"{k} {got[k]} != {rec[k]}" for k in got if k in rec and got[k] != rec[k]]
+            if diff:
+                raise ValueError(f"source: shard {str(path)!r} changed since the manifest was written "
+                                 f"({', '.join(diff)})")
+        if vocab_size is not None and scan_vocab:
+            _check_vocab(ch, column, vocab_size, sum(len(c) for c in chunks), str(path))
+        chunks += ch
+        chunk_where += [str(path)] * len(ch)
+        if mask_chunks is not None:
+            mask_chunks += mch
+    src = TokenSource(chunks, column, mask_chunks, None, vocab_size, owners, value_type)
+    src.paths = list(paths)
+    src._chunk_where = chunk_where
+    return src
+
+
+def lengths_hash(lengths: np.ndarray) -> str:
+    """Hash of (N,) document lengths: how a manifest recognises its shards cheaply."""
+    return hashlib.blake2b(np.ascontiguousarray(lengths, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
+
+
+def open_tokens(source, column: str = "input_ids", *, loss_mask_column: str | None = None,
+                vocab_size: int | None = None, tokenizer=None) -> TokenSource:
+    """Open a token column without copying the tokens.
+
+    source: pyarrow Array / ChunkedArray / Table, a HF ``datasets.Dataset``, or files: a Parquet
+    or Arrow IPC path (memory mapped), a directory of such shards (a ``lengen-data prepare``
+    output with its manifest, or any directory of ``*.arrow``/``*.parquet`` files), a glob, or a
+    list of shard paths. All shards open at once as one source; IPC shards stay memory-mapped, so
+    memory grows with the number of documents, not tokens (Parquet shards are decoded).
+    The column must be list or large_list of int32, int64, uint16 or uint32 (chunked or sliced).
+    ``loss_mask_column`` (list of bool/uint8, same lengths) marks the tokens that are scored.
+    With ``vocab_size`` every token is checked once here (one pass over the data); gather()
+    checks the tokens it copies in any case. A prepared directory supplies its own vocab_size
+    (checked lazily by gather) and, with ``tokenizer`` (a tokenizer.json path, a directory, or a
+    tokenizers/transformers object), refuses a manifest written with a different tokenizer.
+    Every file's list offsets are validated before any native code reads them.
+    """
+    if vocab_size is not None and (not isinstance(vocab_size, (int, np.integer)) or isinstance(vocab_size, bool)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+    if isinstance(source, (str, os.PathLike, list, tuple)):
+        paths, prepared = resolve_shards(source)
+        if prepared is not None:
+            from .prepare import check_manifest  # the manifest's format lives with its writer
+            paths, expect, m_vocab = check_manifest(prepared, column=column, tokenizer=tokenizer)
+            if vocab_size is not None and vocab_size < m_vocab:
+                raise ValueError(f"vocab_size={vocab_size} is smaller than the prepared corpus' vocabulary "
+                                 f"({m_vocab}, {str(prepared / MANIFEST_NAME)!r})")
+            return _open_shards(paths, column, loss_mask_column, vocab_size or m_vocab, expect,
+                                scan_vocab=vocab_size is not None)
+        if tokenizer is not None:
+            raise ValueError("tokenizer= is checked against a prepared directory's manifest; "
+                             f"{os.fspath(source) if not isinstance(source, (list, tuple)) else 'a list of shards'} "
+                             f"has no {MANIFEST_NAME}")
+        return _open_shards(paths, column, loss_mask_column, vocab_size)
+    indices = None
+    if not isinstance(source, (pa.Table, pa.Array, pa.ChunkedArray)):
+        table, indices = _hf_table(source)
+        if table is None:
+            if _is_iterable_dataset(source):
+                raise TypeError(
+                    "source is a datasets.IterableDataset: decomposition and packing need every document's "
+                    "length up front, which a stream cannot give. Materialise it first, e.g. "
+                    "datasets.Dataset.from_generator(lambda: (yield from iterable_ds), features=iterable_ds.features) "
+                    "or load_dataset(..., streaming=False), or write token shards with `lengen-data prepare`")
+            raise TypeError("source must be a pyarrow Array/ChunkedArray/Table, a Parquet or Arrow IPC path, "
+                            "a directory, glob or list of shards, or a datasets.Dataset; "
+                            f"got {type(source).__name__}")
+        source = table
+    if isinstance(source, pa.Table):
+        owner = source
+        chunks, mask_chunks, value_type = _table_chunks(source, column, loss_mask_column, "")
+        n_rows = source.num_rows
+    else:
+        if loss_mask_column is not None:
+            raise ValueError("loss_mask_column needs a table source (got a bare array)")
+        col = source if isinstance(source, pa.ChunkedArray) else pa.chunked_array([source])
+        owner = col
+        if pa.types.is_null(col.type):
+            raise ValueError(f"column {column!r} is entirely null")
+        chunks = _check_list_column(col, column, tuple(_TOKEN_TYPES), "int32/int64/uint16/uint32")
+        mask_chunks, value_type, n_rows = None, col.type.value_type, len(col)
+    if indices is not None and indices.size and (indices.min() < 0 or indices.max() >= n_rows):
         raise ValueError("source: the dataset's row mapping (_indices) points outside its table")
     if vocab_size is not None:
-        for ci, c in enumerate(chunks):
-            flat = c.flatten()
-            if len(flat) == 0:
-                continue
-            mm = pc.min_max(flat).as_py()
-            if mm["min"] < 0 or mm["max"] >= vocab_size:
-                bad_val = mm["min"] if mm["min"] < 0 else mm["max"]
-                tok_pos = pc.index(flat, bad_val).as_py()
-                offs = c.offsets.to_numpy(zero_copy_only=False)
-                doc = int(np.searchsorted(offs, offs[0] + tok_pos, side="right") - 1)
-                doc += sum(len(x) for x in chunks[:ci])
-                what = "is negative" if bad_val < 0 else f"is >= vocab_size={vocab_size}"
-                raise ValueError(f"column {column!r}: token {bad_val} in document {doc} {what}")
-    return TokenSource(chunks, column, mask_chunks, indices, vocab_size, owner, col.type.value_type)
+        _check_vocab(chunks, column, vocab_size)
+    return TokenSource(chunks, column, mask_chunks, indices, vocab_size, owner, value_type)
+
+
+def _is_iterable_dataset(obj) -> bool:
+    return any(c.__name__ == "IterableDataset" and "datasets" in c.__module__ for c in type(obj).__mro__)
