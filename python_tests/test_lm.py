@@ -242,6 +242,29 @@ def test_lm_cli_hook_and_bad_input(tmp_path, capsys):
     assert "missing.arrow" in capsys.readouterr().err
 
 
+def test_lm_on_a_prepared_corpus(tmp_path):
+    """The two-command path: lengen-data prepare (text Parquet -> token shards), then lengen-train lm --corpus."""
+    pytest.importorskip("tokenizers")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from lengen_fast.data.corpus import stdlib_files
+    from lengen_fast.data.prepare import main as prepare_main
+    texts = [d.decode("utf-8", "replace") for f in stdlib_files(30) for d in split_units(f.read_bytes())]
+    (tmp_path / "text").mkdir()
+    pq.write_table(pa.table({"text": texts[: len(texts) // 2]}), tmp_path / "text" / "a.parquet")
+    pq.write_table(pa.table({"text": texts[len(texts) // 2:]}), tmp_path / "text" / "b.parquet")
+    assert prepare_main([str(tmp_path / "text"), "--out", str(tmp_path / "tok"), "--train-tokenizer", "320",
+                         "--workers", "1", "--no-progress"]) == 0
+    out = tmp_path / "lm"
+    assert lm.main(["--preset", "lm_tiny", "--corpus", str(tmp_path / "tok"), "--out", str(out), "--seeds", "0",
+                    "--arms", "concat,dd_natural", "--heldout-frac", "0.1", "--no-staged", "--scalings", "none,yarn",
+                    "--multiples", "1,2"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["corpus"]["vocab_size"] == 320 and rep["corpus"]["name"] == str(tmp_path / "tok")
+    assert rep["corpus"]["train_docs"] + rep["corpus"]["heldout_docs"] == len(texts)
+    assert all(math.isfinite(r["final_val_loss"]) for r in rep["runs"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-machine error")
 def test_device_cuda_fails_clearly_on_cpu(tmp_path, capsys):
     assert lm.main(["--preset", "lm_tiny", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2

@@ -557,7 +557,11 @@ def time_to_target(history: list[dict], target: float) -> dict:
     return {"time_s": None, "flops": None, "supervised": None}
 
 
-def run_lm(cfg: LMConfig, log=print) -> dict:
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_lm(cfg: LMConfig, log=_log) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # main() has shown validate's warnings already
         arms = validate(cfg)
