@@ -163,6 +163,15 @@ def test_position_buckets_and_unreachable_multiples():
     assert rows[2]["tokens"] == sum(max(0, min(len(d), 64) - 32) for d in docs.docs)
 
 
+def test_time_to_target_interpolates_between_evals():
+    hist = [{"val_loss": 3.0, "train_time": 10.0, "flops": 100.0, "supervised": 1000},
+            {"val_loss": 2.0, "train_time": 20.0, "flops": 200.0, "supervised": 2000},
+            {"val_loss": 1.5, "train_time": 30.0, "flops": 300.0, "supervised": 3000}]
+    assert lm.time_to_target(hist, 2.5) == {"time_s": 15.0, "flops": 150.0, "supervised": 1500.0}
+    assert lm.time_to_target(hist, 3.5)["time_s"] == 10.0                         # the first eval is there
+    assert lm.time_to_target(hist, 1.0)["time_s"] is None
+
+
 def test_verdict_logic():
     assert verdict([0.5, 0.6, 0.55], "higher")["verdict"] == "holds"
     assert verdict([0.5, 0.6, 0.55], "lower")["verdict"] == "opposite"

@@ -493,7 +493,7 @@ class ArmRun:
         train_loss = float(self.loss_sum.item()) / max(1, self.loss_tokens)  # mean since the last eval (this rank)
         self.loss_sum.zero_()
         self.loss_tokens = 0
-        vl = self.val_loss(val)
+        vl = self.val_loss(val, self.rope_scaling)  # the fine-tune is scored with the scaling it trained with
         self.eval_time += time.perf_counter() - t0
         row = {"step": self.step, "supervised": self.supervised, "train_time": self.train_time,
                "flops": self.flops, "train_loss": train_loss, "val_loss": vl}
@@ -550,10 +550,19 @@ def make_scaling(kind: str, factor: float, orig: int):
 
 # ---------------------------------------------------------------------------------- experiment
 def time_to_target(history: list[dict], target: float) -> dict:
-    """The first eval at or below ``target``: its train time, FLOPs and supervised tokens (None if never)."""
+    """Train time, FLOPs and supervised tokens at which validation loss first reaches ``target``: linear
+    interpolation between the eval before the crossing and the first eval at or below it (the first
+    eval's own values when it is already there); None when no eval reaches the target."""
+    prev = None
     for row in history:
         if row["val_loss"] <= target:
-            return {"time_s": row["train_time"], "flops": row["flops"], "supervised": row["supervised"]}
+            if prev is None or prev["val_loss"] <= row["val_loss"]:
+                w = 1.0
+            else:
+                w = (prev["val_loss"] - target) / (prev["val_loss"] - row["val_loss"])
+            at = (lambda k: row[k] if prev is None else prev[k] + w * (row[k] - prev[k]))
+            return {"time_s": at("train_time"), "flops": at("flops"), "supervised": at("supervised")}
+        prev = row
     return {"time_s": None, "flops": None, "supervised": None}
 
 
@@ -702,8 +711,9 @@ def finish_report(report: dict, target_loss: float) -> None:
     runs = report["runs"]
     finals = [r["final_val_loss"] for r in runs]
     target = target_loss if target_loss > 0 else max(finals)
-    report["target"] = {"loss": target, "rule": "given" if target_loss > 0 else
-                        "auto: the highest final validation loss of any (arm, seed), so every run reaches it"}
+    report["target"] = {"loss": target, "rule": ("given" if target_loss > 0 else
+                        "auto: the highest final validation loss of any (arm, seed), so every run reaches it")
+                        + "; time and FLOPs interpolated linearly between the evals around the crossing"}
     for r in runs:
         r["to_target"] = time_to_target(r["history"], target)
     names = list(dict.fromkeys(r["arm"] for r in runs))
