@@ -122,6 +122,9 @@ class LMTrain:
     tokens_per_batch: int = 8192    # token slots per micro-batch (all ranks)
     grad_accum: int = 1             # micro-batches per optimizer step
     budget_tokens: int = 262144     # supervised target tokens per arm (the equal budget)
+    subset_factor: int = 1          # the seed's training subset holds subset_factor x budget tokens, and
+                                    # decomposition curricula run subset_factor x num_cycles cycles, so a
+                                    # small budget still samples many documents and whole curriculum cycles
     evals: int = 8                  # validation points per arm (eval every budget / evals supervised tokens)
     lr: float = 2e-3
     min_lr_frac: float = 0.1
@@ -211,7 +214,7 @@ def validate(cfg: LMConfig) -> list[Arm]:
         raise ValueError(f"tokens_per_batch={tr.tokens_per_batch} must be >= context={L} (one full row)")
     if tr.tokens_per_batch % L:
         raise ValueError(f"tokens_per_batch={tr.tokens_per_batch} must be a multiple of context={L}")
-    for name in ("grad_accum", "budget_tokens", "evals", "loss_chunk"):
+    for name in ("grad_accum", "budget_tokens", "evals", "loss_chunk", "subset_factor"):
         if getattr(tr, name) < 1:
             raise ValueError(f"train.{name} must be >= 1, got {getattr(tr, name)}")
     if tr.budget_tokens < tr.evals:
@@ -357,7 +360,8 @@ def make_loader(src, arm: Arm, tr: LMTrain, context: int, tokens_per_batch: int,
     strategy = {"concat": "concat_chunk", "bfd": "pack", "decompose": "vsl"}[arm.packing]
     dd = arm.packing == "decompose"
     lc = LoaderConfig(strategy=strategy, tokens_per_batch=tokens_per_batch, max_len=context, min_len=min(tr.min_len, context) if dd else 1,
-                      remainder=dd, curriculum=arm.curriculum, num_cycles=arm.num_cycles, seed=seed,
+                      remainder=dd, curriculum=arm.curriculum, num_cycles=arm.num_cycles * tr.subset_factor,
+                      seed=seed,
                       rank=ctx.rank, world_size=ctx.world_size, pin_memory=cuda, prefetch=2, infinite=True)
     return PackedLoader(src, lc)
 
@@ -609,7 +613,7 @@ def run_lm(cfg: LMConfig, log=_log) -> dict:
     extrap: list[dict] = []
     staged: list[dict] = []
     for seed in tr.seeds:
-        sub = training_subset(corpus.train, tr.budget_tokens, seed)
+        sub = training_subset(corpus.train, tr.budget_tokens * tr.subset_factor, seed)
         runs = [ArmRun(cfg, a, seed, sub, corpus.vocab_size, device, ctx, budget=tr.budget_tokens, context=L,
                        tokens_per_batch=tr.tokens_per_batch, lr=tr.lr) for a in arms]
         for k in range(1, tr.evals + 1):  # arms take turns, one eval interval each
