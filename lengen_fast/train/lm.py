@@ -426,7 +426,7 @@ class ArmRun:
         self.params = self.model.num_params()
         self.step = 0
         self.supervised = self.slots = self.real = self.pieces = 0
-        self.flops = self.train_time = self.eval_time = 0.0
+        self.flops = self.train_time = self.eval_time = self.cpu_time = 0.0
         self.epoch = 0
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on device, read at evals
         self.loss_tokens = 0
@@ -446,7 +446,7 @@ class ArmRun:
     def train_until(self, target: int) -> None:
         """Optimizer steps until ``target`` supervised tokens (all ranks) have been trained on."""
         tr = self.cfg.train
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_clock()
         while self.supervised < target:
             micro = [next(self.batches) for _ in range(tr.grad_accum)]
             inputs = [arm_inputs(b, self.arm) for b in micro]
@@ -482,6 +482,7 @@ class ArmRun:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # the eval cadence is the only host sync
         self.train_time += time.perf_counter() - t0
+        self.cpu_time += _cpu_clock() - c0  # CPU seconds spent: robust to the neighbours of a shared machine
 
     def ctx_sum(self, v: int) -> int:
         """Sum a host-side count over ranks on a gloo group: no device sync, even under nccl."""
@@ -520,7 +521,9 @@ class ArmRun:
                 "padding": self.slots - self.real, "pieces": self.pieces,
                 "epochs": self.real / max(1, self.loader.source.num_tokens),
                 "train_time_s": self.train_time, "eval_time_s": self.eval_time, "flops": self.flops,
-                "supervised_tokens_per_s": tps, "slot_tokens_per_s": self.slots / self.train_time
+                "supervised_tokens_per_s": tps, "cpu_time_s": self.cpu_time,
+                "supervised_tokens_per_cpu_s": self.supervised / self.cpu_time if self.cpu_time else math.nan,
+                "slot_tokens_per_s": self.slots / self.train_time
                 if self.train_time else math.nan, "flops_per_s": fps,
                 "mfu": fps / peak if peak else None, "final_val_loss": self.history[-1]["val_loss"]
                 if self.history else math.nan, "history": self.history}
@@ -535,6 +538,12 @@ class _null:
 
 
 _HOST_GROUP = None
+
+
+def _cpu_clock() -> float:
+    """CPU seconds of the compute: this thread's alone with one torch thread (the loaders' prefetch threads,
+    which serve every arm, are left out), else the whole process's."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
 
 def _host_group():
@@ -726,8 +735,9 @@ def finish_report(report: dict, target_loss: float) -> None:
         rs = [r for r in runs if r["arm"] == a]
         row = {"knobs": rs[0]["knobs"], "seeds": [r["seed"] for r in rs], "reached_target": sum(
             r["to_target"]["time_s"] is not None for r in rs)}
-        for key in ("supervised_tokens_per_s", "final_val_loss", "train_time_s", "flops", "epochs", "mfu"):
-            vals = [r[key] for r in rs if r[key] is not None]
+        for key in ("supervised_tokens_per_s", "supervised_tokens_per_cpu_s", "final_val_loss", "train_time_s",
+                    "flops", "epochs", "mfu"):
+            vals = [r[key] for r in rs if r.get(key) is not None]
             row[key] = t_interval(vals) if vals else None
         for key in ("time_s", "flops"):
             row[f"to_target_{key}"] = t_interval([r["to_target"][key] for r in rs if r["to_target"][key] is not None])

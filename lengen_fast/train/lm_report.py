@@ -79,13 +79,14 @@ def markdown(report: dict) -> str:
                      f"{ttt['verdict']} | {_f(fl['mean'], 4)} [{_f(fl['lo'], 4)}, {_f(fl['hi'], 4)}] | "
                      f"{fl['verdict']} |")
     lines += ["", "## Arms (mean [95% interval] over seeds)", "",
-              "| arm | packing / attention / positions / curriculum | supervised tok/s | MFU | final val loss | "
-              "time to target (s) | FLOPs to target | reached | train time (s) | epochs |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| arm | packing / attention / positions / curriculum | supervised tok/s | per CPU-s | MFU | "
+              "final val loss | time to target (s) | FLOPs to target | reached | train time (s) | epochs |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, s in report["summary"].items():
         k = s["knobs"]
         lines.append(f"| {a} | {k['packing']} / {k['attention']} / {k['positions']} / {k['curriculum']} | "
-                     f"{_ci(s['supervised_tokens_per_s'], 0)} | {_ci(s['mfu'], 3) if s['mfu'] else 'n/a'} | "
+                     f"{_ci(s['supervised_tokens_per_s'], 0)} | {_ci(s.get('supervised_tokens_per_cpu_s'), 0)} | "
+                     f"{_ci(s['mfu'], 3) if s['mfu'] else 'n/a'} | "
                      f"{_ci(s['final_val_loss'], 4)} | {_ci(s['to_target_time_s'], 0)} | {_sci(s['to_target_flops'])} | "
                      f"{s['reached_target']}/{len(s['seeds'])} | {_ci(s['train_time_s'], 0)} | "
                      f"{_ci(s['epochs'], 2)} |")
