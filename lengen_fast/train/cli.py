@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     from .plan import make_plan
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm"]:  # the language-model mode has its own config and driver (lm.py)
+        from . import lm
+        return lm.main(argv[1:])
     try:
         cmd, cfg = config_from_args(argv)
         with warnings.catch_warnings(record=True) as caught:

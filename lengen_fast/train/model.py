@@ -3,6 +3,8 @@
 Every forward takes flat tokens (N,), ``cu_seqlens`` (B+1,) int32 delimiting the attention
 segments, and ``positions`` (N,): pre-norm blocks with RMSNorm, lengen_fast.varlen_attention and
 lengen_fast.apply_rope (or learned absolute positions, or none), and a GELU or SwiGLU MLP.
+With ``labels`` the forward returns the summed next-token loss from :func:`chunked_cross_entropy`,
+so the (N, V) logits are never held whole.
 """
 from __future__ import annotations
 
@@ -14,6 +16,86 @@ import torch.nn.functional as F
 
 from .. import apply_rope, varlen_attention
 from .config import ModelConfig
+
+
+
+class _ChunkedCE(torch.autograd.Function):
+    """Sum of cross-entropy over rows of logits = hidden @ weight.T, ``chunk`` rows at a time.
+
+    The forward computes each chunk's loss and its gradients (softmax - onehot) at once and keeps
+    only d hidden (N, d) and d weight (V, d): peak extra memory is one (chunk, V) block instead of
+    the (N, V) logits plus their gradient. The backward scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int, ignore_index: int):
+        N = hidden.shape[0]
+        needs = ctx.needs_input_grad
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 reductions (fp64 stays fp64)
+        gh = torch.zeros_like(hidden) if needs[0] else None                          # (N, d)
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for a in range(0, N, chunk):
+            h, y = hidden[a:a + chunk], labels[a:a + chunk]
+            logits = (h @ weight.t()).to(acc)                                         # (c, V)
+            valid = y != ignore_index
+            yv = torch.where(valid, y, torch.zeros_like(y))
+            lse = torch.logsumexp(logits, dim=-1)                                     # (c,)
+            tgt = logits.gather(1, yv[:, None]).squeeze(1)
+            total = total + ((lse - tgt) * valid).sum()
+            if gh is not None or gw is not None:
+                g = torch.softmax(logits, dim=-1)                                     # d loss / d logits
+                g[torch.arange(g.shape[0], device=g.device), yv] -= 1.0
+                g = g * valid[:, None]
+                if gh is not None:
+                    gh[a:a + chunk] = (g.to(weight.dtype) @ weight).to(gh.dtype)
+                if gw is not None:
+                    gw += g.t() @ h.to(acc)
+        ctx.save_for_backward(gh, gw)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw = ctx.saved_tensors
+        dh = gh * grad_out.to(gh.dtype) if gh is not None else None
+        dw = (gw * grad_out).to(ctx.weight_dtype) if gw is not None else None
+        return dh, dw, None, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int = 4096,
+                          ignore_index: int = -100, reduction: str = "sum") -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels`` without the whole (N, V) logits.
+
+    hidden (N, d), weight (V, d), labels (N,) int64 (``ignore_index`` rows count nothing).
+    reduction: "sum" (differentiable, the usual training path), "mean" (over labelled rows), or
+    "none" (per-row (N,) losses, 0 at ignored rows; computed without autograd).
+    Logits are formed in the inputs' dtype (bf16 under autocast callers) and reduced in fp32.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"chunked_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+                         "must be (N, d) and (V, d)")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"chunked_cross_entropy: labels {tuple(labels.shape)} must be ({hidden.shape[0]},)")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunked_cross_entropy: chunk must be a positive int, got {chunk!r}")
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    if reduction == "none":
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.zeros(hidden.shape[0], dtype=acc, device=hidden.device)
+        with torch.no_grad():
+            for a in range(0, hidden.shape[0], chunk):
+                logits = (hidden[a:a + chunk] @ weight.t()).to(acc)
+                out[a:a + chunk] = F.cross_entropy(logits, labels[a:a + chunk], ignore_index=ignore_index,
+                                                   reduction="none")
+        return out
+    total = _ChunkedCE.apply(hidden, weight, labels, chunk, ignore_index)
+    if reduction == "sum":
+        return total
+    if reduction == "mean":
+        return total / (labels != ignore_index).sum().clamp(min=1)
+    raise ValueError(f"chunked_cross_entropy: reduction must be sum, mean or none, got {reduction!r}")
 
 
 class RMSNorm(nn.Module):
@@ -105,8 +187,11 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens, cu_seqlens, max_seqlen: int, positions, rope_scaling=None):
-        """tokens, positions: (N,) int64; cu_seqlens: (B+1,) int32. Returns logits (N, V).
+    def forward(self, tokens, cu_seqlens, max_seqlen: int, positions, rope_scaling=None, *, labels=None,
+                loss_chunk: int = 4096, reduction: str = "sum"):
+        """tokens, positions: (N,) int64; cu_seqlens: (B+1,) int32. Returns logits (N, V), or with
+        ``labels`` (N,) the chunked next-token loss (see chunked_cross_entropy; "sum" by default), so the
+        (N, V) logits are never held whole.
 
         ``rope_scaling`` (a lengen_fast.rope.RopeScaling): context extension for this call (evaluation, or
         a fine-tune), passed as an argument so that the model itself never changes."""
@@ -119,4 +204,7 @@ class Transformer(nn.Module):
         x = F.dropout(x, self.cfg.dropout, self.training)
         for blk in self.blocks:
             x = blk(x, cu_seqlens, max_seqlen, positions, rope_scaling, self.attn_backend)
+        if labels is not None:
+            return chunked_cross_entropy(self.norm(x), self.head.weight, labels, chunk=loss_chunk,
+                                         reduction=reduction)
         return self.head(self.norm(x))
