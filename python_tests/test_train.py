@@ -611,6 +611,7 @@ def test_ablate_end_to_end(tmp_path, capsys):
         assert r["boundary"] and {"near", "far", "near_minus_far", "all"} <= set(r["boundary"])
         assert set(r["knobs"]) == {"packing", "attention", "positions", "curriculum", "cycles", "fit"}
     md = (out / "report.md").read_text()
+    assert "| pack_masked-attention-row | passkey | 12 (2×) |" in md     # the per-cell ablation table
     for section in ("Arms: the knobs", "Budgets", "Ablation: one factor at a time", "final checkpoint",
                     "best in-distribution validation checkpoint", "Best-OOD selection", "FLOPs to target",
                     "seeds that reached it", "distance from the document start"):
