@@ -19,8 +19,8 @@ Features detect() {
 #if LF_X86
   // libgcc's __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512 register state (XCR0).
   __builtin_cpu_init();
-  f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") &&
-           __builtin_cpu_supports("popcnt");
+  f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
   f.avx512 = f.avx2 && __builtin_cpu_supports("avx512f");
   f.avx512vbmi = f.avx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi");
 #endif

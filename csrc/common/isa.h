@@ -8,9 +8,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define LF_X86 1
 // The feature sets each variant is compiled for (and that cpu_isa() checks before choosing it).
-#define LF_TARGET_AVX2 "avx2,bmi,bmi2,popcnt"
-#define LF_TARGET_AVX512 "avx512f,avx2,bmi,bmi2,popcnt"
-#define LF_TARGET_AVX512VBMI "avx512f,avx512bw,avx512vbmi,avx2,bmi,bmi2,popcnt"
+// rope_cpu.cpp spells the AVX2 one out in a #pragma GCC target: keep the two equal.
+#define LF_TARGET_AVX2 "avx2,fma,f16c,bmi,bmi2,popcnt"
+#define LF_TARGET_AVX512 "avx512f,avx2,fma,f16c,bmi,bmi2,popcnt"
+#define LF_TARGET_AVX512VBMI "avx512f,avx512bw,avx512vbmi,avx2,fma,f16c,bmi,bmi2,popcnt"
 #else
 #define LF_X86 0
 #endif
