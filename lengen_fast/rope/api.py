@@ -90,7 +90,8 @@ def _check_inputs(q, k, cu_seqlens, position_ids, position_offset, scaling):
             raise ValueError("cu_seqlens needs packed (T, H, D) inputs, got q of shape " + str(tuple(q.shape)))
         if cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
-        if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling() \
+        if cu_seqlens.dtype == torch.int64 and cu_seqlens.device.type == "cpu" \
+                and not torch.compiler.is_compiling() \
                 and not bool(((cu_seqlens >= -2**31) & (cu_seqlens < 2**31)).all()):
             # the kernels take int32 offsets: refuse before the cast could wrap a value into range
             raise ValueError(f"cu_seqlens values must fit in int32, got min {int(cu_seqlens.min())} "
