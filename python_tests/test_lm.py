@@ -224,7 +224,10 @@ def test_lm_end_to_end_tiny(tmp_path, capsys):
     for c in rep["comparisons"]:
         assert c["log_tokens_per_s"]["verdict"] in ("holds", "opposite", "inconclusive")
         assert len(c["tokens_per_s_ratio"]) == 2
+    run = rep["run"]                                                            # how it ran (issue 16)
+    assert run["processes"]["world_size"] == 1 and run["dtype"] == "float32" and run["device"]["type"] == "cpu"
     md = (out / "report.md").read_text()
+    assert md.startswith("# lengen-train lm report\n\n## How this ran\n")
     for heading in ("## Claims", "## Arms", "## Loss by position", "## Extrapolation arms", "## Staged recipe"):
         assert heading in md
     assert (out / "loss_vs_position.png").stat().st_size > 0
