@@ -4,6 +4,7 @@ One spawned 2-process group runs every scenario (loader sharding, DDP and FSDP2 
 to pay the process start-up once; the 1-process references run in the test process.
 """
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -306,5 +307,9 @@ def test_lengen_train_nproc_2_end_to_end(tmp_path):
     assert p.stdout.count("| arm | supervised tokens |") == 1   # rank 0 alone prints the table
     rep = (out / "report.json").read_text()
     assert '"nproc": 2' in rep
+    procs = json.loads(rep)["run"]["processes"]    # the report says how it ran (issue 16)
+    assert (procs["world_size"], procs["parallel"], procs["process_group"], procs["launcher"]) == \
+        (2, "ddp", "gloo", "torchrun")
+    assert "- processes: 2 processes (ddp, gloo, launched by torchrun)" in (out / "report.md").read_text()
     assert (out / "ckpt" / "vsl_s0" / "last.pt").exists()
     assert torch.load(out / "ckpt" / "vsl_s0" / "last.pt", weights_only=False)["world_size"] == 2

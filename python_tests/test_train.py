@@ -610,7 +610,13 @@ def test_ablate_end_to_end(tmp_path, capsys):
         assert set(r["test"]) == {"final", "best_id", "best_ood"} and r["test"]["final"]["acc"]["passkey"]
         assert r["boundary"] and {"near", "far", "near_minus_far", "all"} <= set(r["boundary"])
         assert set(r["knobs"]) == {"packing", "attention", "positions", "curriculum", "cycles", "fit"}
+    run = rep["run"]                                                     # how it ran (issue 16)
+    assert run["processes"]["world_size"] == 1 and run["processes"]["parallel"] == "none"
+    assert run["dtype"] == "float32" and run["device"]["type"] == "cpu" and run["command"]
+    assert set(run["backends"]) >= {"attention", "rope", "data"}
     md = (out / "report.md").read_text()
+    assert md.startswith("# lengen-train report\n\n## How this ran\n")
+    assert "- processes: 1 process\n" in md and "- dtype: float32\n" in md
     assert "| pack_masked-attention-row | passkey | 12 (2×) |" in md     # the per-cell ablation table
     for section in ("Arms: the knobs", "Budgets", "Ablation: one factor at a time", "final checkpoint",
                     "best in-distribution validation checkpoint", "Best-OOD selection", "FLOPs to target",
@@ -618,6 +624,31 @@ def test_ablate_end_to_end(tmp_path, capsys):
         assert section in md
     assert "very wide" in md  # the two-seed warning is in the report
     assert (out / "accuracy_vs_length.png").stat().st_size > 1000
+
+
+def test_progress_in_a_log_is_a_few_lines_per_run_not_one_per_step(tmp_path, capsys, monkeypatch):
+    """Off a terminal (captured stderr is not a tty) each (arm, seed) run prints a start line, one line per
+    evaluation and a done line, plus one status line per LENGEN_PROGRESS_INTERVAL seconds: set here beyond
+    the run's length, so the count is exact and does not depend on the machine's speed."""
+    monkeypatch.setenv("LENGEN_PROGRESS_INTERVAL", "3600")
+    out = tmp_path / "p"
+    argv = ["--out", str(out), "--arms", "pack_masked,vsl", "--seeds", "0", "--no-extend", "--tasks", "copy_unique",
+            "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--train-max-len", "6", "--eval-multiples", "1,2",
+            "--eval-examples", "8", "--steps", "24", "--eval-every", "8", "--tokens-per-batch", "128",
+            "--warmup", "1", "--threads", "1"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["runs"]) == 2
+    for r in rep["runs"]:
+        mine = [line for line in err.splitlines() if line.startswith(f"[{r['arm']} seed 0] ")]
+        evals = len(r["history"])
+        assert len(mine) == 2 + evals, mine                     # start, the evaluations, done: not one per step
+        assert evals >= 2 and r["steps"] >= 3 * len(mine)
+        assert mine[0].startswith(f"[{r['arm']} seed 0] start at step 0 of ")
+        assert sum(": eval loss=" in line for line in mine) == evals
+        assert mine[-1].startswith(f"[{r['arm']} seed 0] done: step {r['steps']}")
+    assert "\r" not in err                                      # no tqdm redraws in a log
 
 
 def test_text_from_the_embedded_corpus(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, runinfo
 from .config import ARM_PRESETS, KNOB_CHOICES, KNOBS, ArmConfig, check_arm
 from .evaluate import distance_buckets, loss_by_boundary_distance, score, with_scaling
 from .plan import Plan, task_docs
@@ -120,6 +120,10 @@ def run(plan: Plan, log=print) -> dict:
     tcx = dataclasses.replace(tc, train_examples=plan.train_examples)
     runs, extension, boundary = [], [], []
     t_start, load_start = time.time(), (os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    ctx = distributed.context()
+    # how this ran (report.json "run", the header of report.md); dtype: the trainers' own, set below
+    run_info = runinfo.collect(device=ctx.device, parallel=ctx.parallel if ctx.enabled else "none",
+                               requested_backends={"attention": tr.attn_backend or None})
     bedges = distance_buckets(plan.seq_len)
     for seed in tr.seeds:
         evals = build_evals(plan, seed, text)
@@ -133,6 +137,7 @@ def run(plan: Plan, log=print) -> dict:
             run_dir = out / "ckpt" / f"{arm.name}_s{seed}"
             t = Trainer(plan, arm, seed, tables[arm.fit], evals, run_dir, max_steps=plan.max_steps,
                         schedule_steps=ap.schedule_steps, budget=(plan.budget_kind, plan.budget))
+            run_info["dtype"] = str(t.dtype).removeprefix("torch.")
             if cfg.resume and (run_dir / "last.pt").exists():
                 t.load(run_dir / "last.pt")
                 log(f"resumed {arm.name} seed {seed} at step {t.step}")
@@ -164,7 +169,7 @@ def run(plan: Plan, log=print) -> dict:
             extension += run_extension(plan, seed, base, evals, text, log)
         if pieces is not None:
             boundary.append({"seed": seed, "edges": bedges, "pieces": len(pieces)})
-    return {"config": cfg.to_dict(), "command": plan.command, "machine": machine() | {"load_avg_1min_start": load_start},
+    return {"run": run_info, "config": cfg.to_dict(), "command": plan.command, "machine": machine() | {"load_avg_1min_start": load_start},
             "wall_seconds": time.time() - t_start, "derived": dict(plan.derived),
             "arms": [{"name": ap.arm.name, **ap.arm.knobs(), "schedule_steps": ap.schedule_steps,
                       "per_step": ap.per_step, "steps_per_epoch": ap.steps_per_epoch} for ap in plan.arms],

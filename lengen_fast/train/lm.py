@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import runinfo
 from .config import ModelConfig
 from .lm_eval import (EvalDocs, choose_position_docs, loss_by_position, position_edges, t_interval,
                       validation_loss, verdict)
@@ -440,6 +441,12 @@ class ArmRun:
         p = min(1.0, (frac - tr.warmup_frac) / max(1e-9, 1 - tr.warmup_frac))
         return self.lr_peak * (tr.min_lr_frac + (1 - tr.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
+    @property
+    def dtype(self) -> str:
+        """What the training step computes in: bf16 autocast over the parameters' dtype on CUDA, else theirs."""
+        weights = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return f"bfloat16 autocast, {weights} weights" if self.cuda else weights
+
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else torch.autocast("cpu", enabled=False)
 
@@ -598,6 +605,9 @@ def run_lm(cfg: LMConfig, log=_log) -> dict:
         out.mkdir(exist_ok=True)
         (out / "ckpt").mkdir(exist_ok=True)
     t_start = time.time()
+    # how this ran (report.json "run", the header of report.md); dtype: the arm runs' own, set below
+    run_info = runinfo.collect(device=device, parallel=ctx.parallel if ctx.enabled else "none",
+                               requested_backends={"attention": tr.attn_backend or None})
     corpus = load_corpus(cfg.data)
     held = corpus.heldout
     val_docs = EvalDocs([np.asarray(d[:L]) for d in held[0::2] if len(d) > 1])  # validation: even held-out docs
@@ -625,6 +635,7 @@ def run_lm(cfg: LMConfig, log=_log) -> dict:
         sub = training_subset(corpus.train, tr.budget_tokens * tr.subset_factor, seed)
         runs = [ArmRun(cfg, a, seed, sub, corpus.vocab_size, device, ctx, budget=tr.budget_tokens, context=L,
                        tokens_per_batch=tr.tokens_per_batch, lr=tr.lr) for a in arms]
+        run_info["dtype"] = runs[0].dtype
         for k in range(1, tr.evals + 1):  # arms take turns, one eval interval each
             goal = -(-tr.budget_tokens * k // tr.evals)
             for r in runs:
@@ -653,7 +664,7 @@ def run_lm(cfg: LMConfig, log=_log) -> dict:
             if ev.staged:
                 staged.append(run_staged(cfg, base, corpus, seed, device, ctx, pos_docs, edges, val, log))
         del runs
-    report = {"config": cfg.to_dict(), "machine": machine(device), "corpus": corpus_stats(corpus, val, pos_docs),
+    report = {"run": run_info, "config": cfg.to_dict(), "machine": machine(device), "corpus": corpus_stats(corpus, val, pos_docs),
               "edges": edges, "notes": notes, "runs": runs_out, "extrapolation": extrap, "staged": staged,
               "wall_time_s": time.time() - t_start}
     finish_report(report, tr.target_loss)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .runinfo import render_header
+
 
 def _f(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
@@ -46,19 +48,22 @@ def markdown(report: dict) -> str:
     tr, ev = cfg["train"], cfg["eval"]
     L = tr["context"]
     c = report["corpus"]
-    lines = ["# lengen-train lm report", "",
-             f"Machine: {mach['cpu']} ({mach['cores']} cores, {mach['threads']} torch threads, 1-min load "
-             f"{_f(mach['load_avg_1min'], 1)} at the end), device {mach['device']}"
-             f"{' (' + mach['gpu'] + ')' if mach.get('gpu') else ''}; torch {mach['torch']}; {mach['date']}; "
-             f"wall time {report['wall_time_s'] / 60:.1f} min.", "",
-             f"Model: d={cfg['model']['d_model']}, {cfg['model']['n_layers']} layers, {cfg['model']['n_heads']} "
-             f"heads, RoPE; context L={L}; {tr['tokens_per_batch']} token slots per micro-batch x "
-             f"{tr['grad_accum']}; equal budget {tr['budget_tokens']:,} supervised tokens per arm; seeds "
-             f"{tr['seeds']}; scored at the final checkpoint.", "",
-             f"Corpus: {c['name']}: {c['train_docs']:,} training documents ({c['train_tokens']:,} tokens; length "
-             f"percentiles {c['train_length_percentiles']}); held out {c['heldout_docs']} documents "
-             f"({c['heldout_tokens']:,} tokens, longest {c['heldout_max_len']:,}): validation {c['val_docs']} docs / "
-             f"{c['val_tokens']:,} tokens (cut at L), a disjoint position test set of {c['position_docs']} docs.", ""]
+    lines = ["# lengen-train lm report", ""]
+    if report.get("run"):  # reports written before runinfo have no "run"
+        lines.append(render_header(report["run"]))
+    lines += [
+              f"Machine: {mach['cpu']} ({mach['cores']} cores, {mach['threads']} torch threads, 1-min load "
+              f"{_f(mach['load_avg_1min'], 1)} at the end), device {mach['device']}"
+              f"{' (' + mach['gpu'] + ')' if mach.get('gpu') else ''}; torch {mach['torch']}; {mach['date']}; "
+              f"wall time {report['wall_time_s'] / 60:.1f} min.", "",
+              f"Model: d={cfg['model']['d_model']}, {cfg['model']['n_layers']} layers, {cfg['model']['n_heads']} "
+              f"heads, RoPE; context L={L}; {tr['tokens_per_batch']} token slots per micro-batch x "
+              f"{tr['grad_accum']}; equal budget {tr['budget_tokens']:,} supervised tokens per arm; seeds "
+              f"{tr['seeds']}; scored at the final checkpoint.", "",
+              f"Corpus: {c['name']}: {c['train_docs']:,} training documents ({c['train_tokens']:,} tokens; length "
+              f"percentiles {c['train_length_percentiles']}); held out {c['heldout_docs']} documents "
+              f"({c['heldout_tokens']:,} tokens, longest {c['heldout_max_len']:,}): validation {c['val_docs']} docs / "
+              f"{c['val_tokens']:,} tokens (cut at L), a disjoint position test set of {c['position_docs']} docs.", ""]
     for note in report["notes"]:
         lines.append(f"Note: {note}")
     if report["notes"]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import KNOBS
 from .evaluate import fmt_ci, mean_ci, paired, verdict
+from .runinfo import render_header
 from .tasks import RETRIEVAL, SYNTHESIS
 
 SELECTIONS = {"final": "final checkpoint", "best_id": "best in-distribution validation checkpoint"}
@@ -344,17 +345,20 @@ def markdown(rep: dict) -> str:
     params = rep["runs"][0]["num_params"] if rep["runs"] else 0
     ctable, rows = claims_table(rep)
     load = (f"{m['load_avg_1min_start']:.1f} at the start, " if m.get("load_avg_1min_start") is not None else "")
-    md = ["# lengen-train report\n",
-          f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, 1-min load average {load}"
-          f"{m['load_avg_1min']:.1f} at the end), torch {m['torch']}, finished {m['date']}; wall time "
-          f"{rep['wall_seconds']:.0f} s. Command: `{rep['command']}`.\n",
-          f"Model: {mc['n_layers']} layers, d={mc['d_model']}, {mc['n_heads']} heads, {mc['mlp']} MLP, {params:,} "
-          f"parameters, positions: {mc['pos_encoding']}"
-          + (f" with random offsets in [0, {tr['pos_offset_max']}]" if tr["pos_offset_max"] else "") + ". "
-          f"Tasks: {', '.join(tc['tasks'])}; training sizes n in [{tc['train_min_len']}, {tc['train_max_len']}] "
-          f"(documents up to {d['doc_max_tokens']} tokens, rows of {d['seq_len']}), {tr['tokens_per_batch']} token "
-          f"slots per step. Seeds {_seeds(rep)}: every number is a mean with its 95% t-interval over seeds "
-          "(sample std); a verdict holds only when the interval of the paired difference excludes zero.\n"]
+    md = ["# lengen-train report\n"]
+    if rep.get("run"):  # reports written before runinfo have no "run"
+        md.append(render_header(rep["run"]))
+    md += [
+           f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads, 1-min load average {load}"
+           f"{m['load_avg_1min']:.1f} at the end), torch {m['torch']}, finished {m['date']}; wall time "
+           f"{rep['wall_seconds']:.0f} s. Command: `{rep['command']}`.\n",
+           f"Model: {mc['n_layers']} layers, d={mc['d_model']}, {mc['n_heads']} heads, {mc['mlp']} MLP, {params:,} "
+           f"parameters, positions: {mc['pos_encoding']}"
+           + (f" with random offsets in [0, {tr['pos_offset_max']}]" if tr["pos_offset_max"] else "") + ". "
+           f"Tasks: {', '.join(tc['tasks'])}; training sizes n in [{tc['train_min_len']}, {tc['train_max_len']}] "
+           f"(documents up to {d['doc_max_tokens']} tokens, rows of {d['seq_len']}), {tr['tokens_per_batch']} token "
+           f"slots per step. Seeds {_seeds(rep)}: every number is a mean with its 95% t-interval over seeds "
+           "(sample std); a verdict holds only when the interval of the paired difference excludes zero.\n"]
     if rep["warnings"]:
         md += ["Warnings:\n"] + [f"- {w}" for w in rep["warnings"]] + [""]
     md += ["## Arms: the knobs\n", arms_table(rep), "",

@@ -161,6 +161,11 @@ class Trainer:
         self.save(self.run_dir / "last.pt")
         return res
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the run computes in: the parameters' (this loop uses no autocast)."""
+        return next(self.model.parameters()).dtype
+
     def scored_model(self):
         from .evaluate import with_scaling
         return with_scaling(self.model, self.rope_scaling)
@@ -219,13 +224,14 @@ class Trainer:
                 attention_flops(cu, m.n_layers, m.d_model)]
 
     def fit(self, progress: bool = True, desc: str = "", until: int | None = None) -> "Trainer":
-        """Train until the budget is spent (or the step cap, or step ``until``)."""
-        from tqdm.auto import tqdm
+        """Train until the budget is spent (or the step cap, or step ``until``). Progress (rank 0 only): a tqdm
+        bar on a terminal, otherwise a plain line every few seconds plus one per evaluation (lengen_fast.progress)."""
+        from ..progress import progress as progress_bar
 
         tr, model = self.cfg.train, self.model
         model.train()
-        bar = tqdm(total=self.schedule_steps, initial=self.step, desc=desc or f"{self.arm.name} s{self.seed}",
-                   disable=not progress, dynamic_ncols=True, leave=False)
+        bar = progress_bar(total=self.schedule_steps, initial=self.step, desc=desc or f"{self.arm.name} s{self.seed}",
+                           enabled=progress and self.dist.is_main)
         batches = iter(self.loader)
         while not self.done() and (until is None or self.step < until):
             t0 = time.perf_counter()
@@ -253,7 +259,7 @@ class Trainer:
             bar.update(1)
             if self.step % tr.eval_every == 0 or self.done():
                 res = self.evaluate()
-                bar.set_postfix(loss=f"{self.losses[-1]:.3f}", id=f"{res['id']:.2f}", ood=f"{res['ood']:.2f}")
+                bar.event("eval", loss=f"{self.losses[-1]:.3f}", id=f"{res['id']:.2f}", ood=f"{res['ood']:.2f}")
         bar.close()
         return self
 
