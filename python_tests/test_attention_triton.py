@@ -394,10 +394,10 @@ def test_multi_document_tiles_need_one_cu_seqlens(monkeypatch):
     their values)."""
     c = _packed_case((3, 9, 4))
     cu = _cu(c.lens_q)
-    assert triton_fwd.packed_tiles(cu, cu, 9, 9)
-    assert not triton_fwd.packed_tiles(cu, cu.clone(), 9, 9)
-    assert not triton_fwd.packed_tiles(cu, cu, None, 9) and not triton_fwd.packed_tiles(cu, cu, 65, 9)
-    assert not triton_fwd.packed_tiles(_cu([]), _cu([]), 9, 9)
+    assert triton_sched.packed_tiles(cu, cu, 9, 9)
+    assert not triton_sched.packed_tiles(cu, cu.clone(), 9, 9)
+    assert not triton_sched.packed_tiles(cu, cu, None, 9) and not triton_sched.packed_tiles(cu, cu, 65, 9)
+    assert not triton_sched.packed_tiles(_cu([]), _cu([]), 9, 9)
 
 
 def test_multi_document_tiles_wrong_hint_still_correct():

@@ -22,11 +22,11 @@ from .triton_common import (
     scores, visible, visible_range,
 )
 from .triton_sched import (
+    PACKED_BLOCKS, doc_ids, packed_tiles,
     block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_lookup,
     tile_schedule,
 )
 from ..backends import triton_interpret
-from .triton_fwd import PACKED_BLOCKS, doc_ids, packed_tiles
 
 # GQA groups up to this size are unrolled in the dk/dv kernel: that removes the register spills of
 # the runtime loop for MHA and group 2; larger unrolls spill as much (ptxas, sm_90) and compile longer

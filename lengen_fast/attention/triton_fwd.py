@@ -16,7 +16,8 @@ from .triton_common import (
 )
 from ..backends import triton_interpret
 from .triton_sched import (
-    block_d, candidate_configs, dot_precision, is_short, pick_config, program_tile, query_tile, tile_schedule,
+    PACKED_BLOCKS, block_d, candidate_configs, doc_ids, dot_precision, is_short, packed_tiles, pick_config,
+    program_tile, query_tile, tile_schedule,
 )
 
 @triton.jit
@@ -187,24 +188,6 @@ def _attn_fwd_packed(Q, K, V, O, LSE, CU, DOC,
     omask = row_mask(in_t, dmask, EVEN_D)
     tl.store(O + h * soh + r64[:, None] * sot + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=omask)
     tl.store(LSE + h * slh + r64 * slt, lse, mask=in_t)
-
-
-def packed_tiles(cu_q, cu_k, max_seqlen_q, max_seqlen_k) -> bool:
-    """Multi-document tiles: self-attention (one cu_seqlens tensor for q and k, so no host sync is needed to know
-    they match) with short-document hints (triton_sched.is_short). Hints only pick the kernel: a wrong one costs
-    speed (the tile walks more keys), never correctness."""
-    return PACKED_TILES and is_short(max_seqlen_q, max_seqlen_k) and cu_q.numel() > 1 \
-        and cu_q.data_ptr() == cu_k.data_ptr() and cu_q.shape == cu_k.shape
-
-
-PACKED_TILES = True      # tests switch it off to compare with the per-document tiles
-PACKED_BLOCKS = {"interpret": (16, 16), "gpu": (64, 64)}
-
-
-def doc_ids(cu: torch.Tensor, T: int) -> torch.Tensor:
-    """(T,) int32 document of each packed token (B for tokens at/after cu[-1]); device-side, no sync."""
-    return (torch.searchsorted(cu, torch.arange(T, device=cu.device, dtype=torch.int32), right=True) - 1).to(
-        torch.int32).clamp_(0, cu.numel() - 1)
 
 
 def attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,

@@ -274,3 +274,23 @@ def block_d(head_dim: int) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact IEEE products, so errors match eager fp32 (tf32 would be 1e-3 off)
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- multi-document tiles (short documents): which calls use them, and their tile shape
+
+def packed_tiles(cu_q, cu_k, max_seqlen_q, max_seqlen_k) -> bool:
+    """Multi-document tiles: self-attention (one cu_seqlens tensor for q and k, so no host sync is needed to know
+    they match) with short-document hints (triton_sched.is_short). Hints only pick the kernel: a wrong one costs
+    speed (the tile walks more keys), never correctness."""
+    return PACKED_TILES and is_short(max_seqlen_q, max_seqlen_k) and cu_q.numel() > 1 \
+        and cu_q.data_ptr() == cu_k.data_ptr() and cu_q.shape == cu_k.shape
+
+
+PACKED_TILES = True      # tests switch it off to compare with the per-document tiles
+PACKED_BLOCKS = {"interpret": (16, 16), "gpu": (64, 64)}
+
+
+def doc_ids(cu: torch.Tensor, T: int) -> torch.Tensor:
+    """(T,) int32 document of each packed token (B for tokens at/after cu[-1]); device-side, no sync."""
+    return (torch.searchsorted(cu, torch.arange(T, device=cu.device, dtype=torch.int32), right=True) - 1).to(
+        torch.int32).clamp_(0, cu.numel() - 1)
