@@ -253,6 +253,16 @@ def test_lm_unreachable_multiple_is_reported_and_skipped(tmp_path, capsys):
     assert "skipped" in (out / "report.md").read_text()
 
 
+def test_lm_staged_with_a_tiny_budget_still_fills_batches(tmp_path):
+    """Regression: a fine-tune budget below one batch once left the long-document subset unable to fill one."""
+    out = tmp_path / "lm"
+    assert lm.main(["--preset", "lm_tiny", "--out", str(out), "--arms", "dd_natural", "--seeds", "0",
+                    "--staged-frac", "0.01", "--scalings", "none", "--multiples", "1,2"]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["staged"]) == 1 and rep["staged"][0]["supervised_tokens"] > 0
+    assert (out / "partial_report.json").exists()
+
+
 def test_lm_cli_hook_and_bad_input(tmp_path, capsys):
     from lengen_fast.train.cli import main as train_main
     assert train_main(["lm", "--preset", "lm_tiny", "--context", "100", "--out", str(tmp_path / "x")]) == 2

@@ -652,6 +652,7 @@ def run_lm(cfg: LMConfig, log=_log) -> dict:
             if ctx.is_main:
                 torch.save({"model": r.model.state_dict(), "model_config": dataclasses.asdict(cfg.model),
                             "arm": r.arm.knobs(), "seed": seed}, out / "ckpt" / f"{r.label}_s{seed}.pt")
+        _save_partial(out, cfg, runs_out, extrap, staged, notes, ctx)
         base = next((r for r in runs if r.label == ev.extrap_arm), None)
         if base is not None:
             own = next(s["loss_by_position"] for s in runs_out if s["arm"] == base.label and s["seed"] == seed)
@@ -662,13 +663,26 @@ def run_lm(cfg: LMConfig, log=_log) -> dict:
                                "loss_by_position": own if sc is None else base.by_position(pos_docs, edges,
                                                                                           rope_scaling=sc)})
             if ev.staged:
-                staged.append(run_staged(cfg, base, corpus, seed, device, ctx, pos_docs, edges, val, log))
+                try:
+                    staged.append(run_staged(cfg, base, corpus, seed, device, ctx, pos_docs, edges, val, log))
+                except ValueError as e:  # keep every other result: say why the staged arm is missing
+                    notes.append(f"seed {seed}: the staged fine-tune could not run: {e}")
+                    log(f"lengen-train lm: note: {notes[-1]}")
+        _save_partial(out, cfg, runs_out, extrap, staged, notes, ctx)
         del runs
     report = {"run": run_info, "config": cfg.to_dict(), "machine": machine(device), "corpus": corpus_stats(corpus, val, pos_docs),
               "edges": edges, "notes": notes, "runs": runs_out, "extrapolation": extrap, "staged": staged,
               "wall_time_s": time.time() - t_start}
     finish_report(report, tr.target_loss)
     return report
+
+
+def _save_partial(out: Path, cfg, runs_out, extrap, staged, notes, ctx) -> None:
+    """partial_report.json: every result so far, so a failure later in a long run loses nothing measured."""
+    if ctx.is_main:
+        (out / "partial_report.json").write_text(json.dumps(
+            {"config": cfg.to_dict(), "notes": notes, "runs": runs_out, "extrapolation": extrap, "staged": staged},
+            indent=1, default=float))
 
 
 def run_staged(cfg, base: ArmRun, corpus, seed, device, ctx, pos_docs, edges, val, log) -> dict:
@@ -678,10 +692,13 @@ def run_staged(cfg, base: ArmRun, corpus, seed, device, ctx, pos_docs, edges, va
     budget = max(1, int(ev.staged_frac * base.supervised))
     sc = make_scaling(ev.staged_scaling, ev.staged_factor, tr.context)
     # long documents (> L) carry what a longer context can learn: the Llama-3 recipe upweights them
-    sub = training_subset(corpus.train, budget, seed + 100_003, min_doc_len=tr.context + 1)
+    # enough documents for the loader to fill whole batches in every bucket it uses, even for a tiny budget
+    tpb = max(tr.tokens_per_batch, L2)
+    sub = training_subset(corpus.train, max(budget * tr.subset_factor, 16 * tpb), seed + 100_003,
+                          min_doc_len=tr.context + 1)
     arm = dataclasses.replace(base.arm, curriculum="natural", num_cycles=1)
     ft = ArmRun(cfg, arm, seed, sub, corpus.vocab_size, device, ctx, budget=budget, context=L2,
-                tokens_per_batch=max(tr.tokens_per_batch, L2), lr=tr.lr * ev.staged_lr_frac, rope_scaling=sc,
+                tokens_per_batch=tpb, lr=tr.lr * ev.staged_lr_frac, rope_scaling=sc,
                 init_state={k: v.detach().cpu() for k, v in base.model.state_dict().items()},
                 label=f"{base.label}+ft{ev.staged_factor:g}x_{ev.staged_scaling}")
     ft.train_until(budget)
