@@ -89,7 +89,7 @@ def _bwd_delta_doc(Q, K, V, O, DO, LSE, DELTA, CU_Q, CU_K, PREFIX, ORDER,
                 & (cols < sk)[None, :]
             p = tl.where(vis, p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            delta = tl.sum(p * dp, 1)
+            delta = tl.sum(tl.where(vis, p * dp, 0.0), 1)                 # no 0 * NaN from a masked key's v
         else:
             o = tl.load(O + r64 * sot + h * soh + offs_m[:, None] * sot + offs_d[None, :] * sod, mask=qmask,
                         other=0.0)
