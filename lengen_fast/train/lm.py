@@ -731,20 +731,10 @@ def corpus_stats(corpus: Corpus, val: EvalDocs, pos_docs: EvalDocs) -> dict:
 
 
 def machine(device: torch.device) -> dict:
-    import platform
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu, "cores": os.cpu_count(),
-            "threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "torch": torch.__version__, "python": platform.python_version()}
+    """experiment.machine() (CPU, load, versions) plus the device this run trained on."""
+    from .experiment import machine as host
+    return host() | {"device": str(device),
+                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def finish_report(report: dict, target_loss: float) -> None:
