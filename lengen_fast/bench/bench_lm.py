@@ -6,27 +6,23 @@ time and of the main thread's CPU seconds (one torch thread, so that is the comp
 shared 2-core machine leaves least noisy). Rows go to bench/results.csv (op "lm_step"), with
 supervised tokens/s in the throughput column and the CPU-second figures in the note.
 
-    python bench/bench_lm.py                   # CPU default model, L=2048, 6 steps per arm
-    python bench/bench_lm.py --steps 3 --context 1024
+    python -m lengen_fast.bench.bench_lm --out bench      # CPU default model, L=2048, 6 steps per arm
+    python -m lengen_fast.bench.bench_lm --steps 3 --context 1024
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Timing, print_table, record  # noqa: E402
-
-from lengen_fast.train import lm  # noqa: E402
-from lengen_fast.train.distributed import context  # noqa: E402
-from lengen_fast.train.model import Transformer  # noqa: E402
+from lengen_fast.bench.common import Timing, add_common_args, apply_common_args, print_table, record
+from lengen_fast.train import lm
+from lengen_fast.train.distributed import context
+from lengen_fast.train.model import Transformer
 
 
 def main(argv=None) -> int:
@@ -37,7 +33,10 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default="concat,concat_docmask,dd_natural,dd_grow_p2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-record", action="store_true")
+    add_common_args(p)
     a = p.parse_args(argv)
+    if apply_common_args(a):
+        a.steps = min(a.steps, 2)
     torch.set_num_threads(a.threads)
     cfg = lm.LMConfig()
     lm.apply_overrides(cfg, lm.load_preset(a.preset))
