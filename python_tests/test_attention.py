@@ -53,6 +53,26 @@ def test_cpu_matches_reference(name):
     _check(SMALL_CASES[name[len("small_"):]] if name.startswith("small_") else CASES[name])
 
 
+ISA_LEVELS = ["portable", "avx2", "avx512"]
+ISA_CASES = ["mixed_causal_gqa", "softcap", "d8", "d40", "d128", "strided_head_dim", "window_diagonal_only"]
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+@pytest.mark.parametrize("name", ISA_CASES)
+def test_cpu_isa_paths_match_reference(name, level, monkeypatch):
+    # The C++ kernels are compiled once per ISA (different vector widths and register blocks); the default run
+    # covers the detected best one, this forces each level the CPU has (LENGEN_CPU_ISA is read on every call).
+    ext = backends.cpu_ext()
+    if ext is None:
+        pytest.skip("lengen_fast._C not built")
+    best = ext.cpu_isa_detected()
+    if ISA_LEVELS.index(level) > ISA_LEVELS.index(best):
+        pytest.skip(f"this CPU has no {level} (best: {best})")
+    monkeypatch.setenv("LENGEN_CPU_ISA", level)
+    assert ext.cpu_isa() == level
+    _check(CASES[name])
+
+
 @pytest.mark.parametrize("name", ["mixed_causal_gqa", "sq_ne_sk_causal", "softcap"])
 def test_reference_backend_through_op(name):
     c = CASES[name]
