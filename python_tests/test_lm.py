@@ -92,6 +92,17 @@ def test_split_units_cuts_top_level_definitions():
     assert split_units(b"def broken(:\n") == []
 
 
+def test_split_units_cuts_classes_into_header_and_methods():
+    src = (b'class A(B):\n    """Doc."""\n    x = 1\n\n    @property\n    def f(self):\n        return 1\n\n'
+           b'    y = 2\n    class Inner:\n        def g(self):\n            pass\n\nZ = 3\n')
+    assert split_units(src) == [b'class A(B):\n    """Doc."""\n    x = 1\n\n',
+                                b"    @property\n    def f(self):\n        return 1\n",
+                                b"    y = 2\n", b"    class Inner:\n", b"        def g(self):\n            pass\n",
+                                b"Z = 3\n"]
+    # every byte of a definition lands in exactly one document (blank lines between documents aside)
+    assert b"".join(split_units(src)).replace(b"\n", b"") == src.replace(b"\n", b"")
+
+
 def test_embedded_corpus_is_short_documents_with_disjoint_heldout_files():
     from lengen_fast.train.lm_corpus import stdlib_corpus
     c = stdlib_corpus(0.2, 40)
@@ -102,7 +113,10 @@ def test_embedded_corpus_is_short_documents_with_disjoint_heldout_files():
         assert (vals[offs[1:] - 1] == EOD).all()                                   # every document ends in EOD
         assert vals.max() <= EOD
     lens = np.diff(c.train.column("input_ids").combine_chunks().offsets.to_numpy())
+    lens_held = np.diff(c.heldout.column("input_ids").combine_chunks().offsets.to_numpy())
     assert np.median(lens) < 2048                                               # much shorter than the context
+    long_lens = np.diff(c.long_heldout.column("input_ids").combine_chunks().offsets.to_numpy())
+    assert long_lens.sum() >= lens_held.sum() and long_lens.max() > lens_held.max()  # whole held-out files
     train_docs = {tuple(x.as_py()) for x in c.train.column("input_ids")}
     held_docs = {tuple(x.as_py()) for x in c.heldout.column("input_ids")}
     assert len(held_docs) > 0 and len(train_docs - held_docs) > 0

@@ -108,7 +108,7 @@ def check_arm(arm: Arm) -> None:
 
 @dataclass
 class LMData:
-    corpus: str = ""                # "" = the embedded stdlib-units corpus; else a path / dir / glob for open_tokens
+    corpus: str = ""                # "" = the embedded stdlib-defs corpus; else a path / dir / glob for open_tokens
     column: str = "input_ids"
     heldout_frac: float = 0.05      # share of documents held out (embedded: whole files; prepared: by doc hash)
     corpus_files: int = 0           # embedded corpus: first N stdlib files only (0 = all; tests use a few)
@@ -296,6 +296,7 @@ class Corpus:
     heldout: list[np.ndarray]      # held-out documents (token arrays)
     vocab_size: int
     name: str
+    long_heldout: list[np.ndarray] | None = None  # long held-out documents for loss by position (None: heldout)
 
 
 def subset_source(src, idx: np.ndarray):
@@ -319,8 +320,9 @@ def load_corpus(dc: LMData) -> Corpus:
         from .lm_corpus import stdlib_corpus
         c = stdlib_corpus(dc.heldout_frac, dc.corpus_files or None)
         src = open_tokens(c.train, vocab_size=c.vocab_size)
-        held_src = open_tokens(c.heldout)
-        return Corpus(src, [held_src.tokens(i) for i in range(len(held_src))], c.vocab_size, c.name)
+        held_src, long_src = open_tokens(c.heldout), open_tokens(c.long_heldout)
+        return Corpus(src, [held_src.tokens(i) for i in range(len(held_src))], c.vocab_size, c.name,
+                      [long_src.tokens(i) for i in range(len(long_src))])
     try:
         src = open_tokens(dc.corpus, column=dc.column)
     except FileNotFoundError as e:
@@ -618,7 +620,9 @@ def run_lm(cfg: LMConfig, log=_log) -> dict:
         keep.append(d)
         n += len(d)
     val = EvalDocs(keep)
-    test_held = [d for d in held[1::2] if len(d) > 1]                           # test: odd ones (disjoint)
+    # position test set: the corpus's long held-out documents (embedded: whole held-out files, which share no
+    # text with training), else the odd held-out documents (disjoint from validation)
+    test_held = [d for d in (corpus.long_heldout or held[1::2]) if len(d) > 1]
     edges = position_edges(L, ev.multiples)
     pos_docs, notes = choose_position_docs(test_held, edges, ev.pos_docs)
     for note in notes:
