@@ -731,6 +731,7 @@ def corpus_stats(corpus: Corpus, val: EvalDocs, pos_docs: EvalDocs) -> dict:
             "train_tokens": int(lens.sum()), "train_length_percentiles": q(lens),
             "heldout_docs": int(len(hl)), "heldout_tokens": int(hl.sum()), "heldout_max_len": int(hl.max()),
             "val_docs": len(val.docs), "val_tokens": val.num_tokens,
+            "position_source": "whole held-out files" if corpus.long_heldout else "odd held-out documents",
             "position_docs": len(pos_docs.docs), "position_doc_lens": [len(d) for d in pos_docs.docs]}
 
 

@@ -63,7 +63,8 @@ def markdown(report: dict) -> str:
               f"Corpus: {c['name']}: {c['train_docs']:,} training documents ({c['train_tokens']:,} tokens; length "
               f"percentiles {c['train_length_percentiles']}); held out {c['heldout_docs']} documents "
               f"({c['heldout_tokens']:,} tokens, longest {c['heldout_max_len']:,}): validation {c['val_docs']} docs / "
-              f"{c['val_tokens']:,} tokens (cut at L), a disjoint position test set of {c['position_docs']} docs.", ""]
+              f"{c['val_tokens']:,} tokens (cut at L), a disjoint position test set of {c['position_docs']} docs "
+              f"({c.get('position_source', 'odd held-out documents')}; lengths {c['position_doc_lens']}).", ""]
     for note in report["notes"]:
         lines.append(f"Note: {note}")
     if report["notes"]:
