@@ -59,6 +59,21 @@ def test_tokens_are_views_of_arrow_buffers():
     assert np.shares_memory(src.tokens(3), buf)
 
 
+def test_select_views_a_subset_without_copying():
+    arr = pa.chunked_array([_list_array(DOCS), _list_array(DOCS[::-1])])
+    src = open_tokens(arr)
+    docs = DOCS + DOCS[::-1]
+    idx = [len(docs) - 1, 0, 3, 3]
+    sub = src.select(idx)
+    _check(sub, [docs[i] for i in idx])
+    assert sub.num_tokens == sum(len(docs[i]) for i in idx) and len(src) == len(docs)   # the parent is unchanged
+    assert np.shares_memory(sub.tokens(1), src.tokens(0))
+    assert sub.fingerprint() != src.fingerprint()
+    assert len(src.select([])) == 0
+    with pytest.raises(IndexError, match=r"select: document indices must be in \[-"):
+        src.select([len(docs)])
+
+
 def test_parquet_and_ipc(tmp_path):
     table = pa.table({"input_ids": _list_array(DOCS), "other": pa.array(range(len(DOCS)))})
     pq.write_table(table, tmp_path / "d.parquet", row_group_size=2)

@@ -7,6 +7,7 @@ once, by :meth:`TokenSource.gather`, straight into the batch tensors.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -80,15 +81,30 @@ class TokenSource:
         self._addr = cat(addrs, np.uint64)
         self._chunk = cat(chunk_ids, np.int32)
         self._mask_addr = cat(mask_addrs, np.uint64) if mask_chunks is not None else None
-        if indices is not None:  # HF datasets select()/shuffle(): a row mapping, applied to the index only
+        self._fingerprint: str | None = None
+        self._reindex(indices)  # HF datasets select()/shuffle(): a row mapping, applied to the index only
+
+    def _reindex(self, indices: np.ndarray | None) -> None:
+        if indices is not None:
             self.lengths = self.lengths[indices]
             self._addr = self._addr[indices]
             self._chunk = self._chunk[indices]
             if self._mask_addr is not None:
                 self._mask_addr = self._mask_addr[indices]
+            self._fingerprint = None
         self.num_tokens = int(self.lengths.sum())
         self.num_empty = int((self.lengths == 0).sum())
-        self._fingerprint: str | None = None
+
+    def select(self, indices) -> "TokenSource":
+        """A TokenSource of documents ``indices`` (in that order) viewing the same buffers: only the (N,)
+        index arrays are copied, never tokens."""
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"select: document indices must be in [{-n}, {n}), got {int(idx.min())}..{int(idx.max())}")
+        sub = copy.copy(self)
+        sub._reindex(idx)
+        return sub
 
     # -- views ------------------------------------------------------------------------
     def __len__(self) -> int:

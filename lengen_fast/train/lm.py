@@ -19,7 +19,6 @@ accumulation, DDP under torchrun; the host syncs with the device only at the eva
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -299,21 +298,6 @@ class Corpus:
     long_heldout: list[np.ndarray] | None = None  # long held-out documents for loss by position (None: heldout)
 
 
-def subset_source(src, idx: np.ndarray):
-    """A TokenSource viewing documents ``idx`` of ``src`` (index arrays only; tokens are not copied)."""
-    sub = copy.copy(src)
-    idx = np.asarray(idx, dtype=np.int64)
-    sub.lengths = src.lengths[idx]
-    sub._addr = src._addr[idx]
-    sub._chunk = src._chunk[idx]
-    if src._mask_addr is not None:
-        sub._mask_addr = src._mask_addr[idx]
-    sub.num_tokens = int(sub.lengths.sum())
-    sub.num_empty = int((sub.lengths == 0).sum())
-    sub._fingerprint = None
-    return sub
-
-
 def load_corpus(dc: LMData) -> Corpus:
     from ..data import open_tokens
     if not dc.corpus:
@@ -339,7 +323,7 @@ def load_corpus(dc: LMData) -> Corpus:
         raise ValueError(f"--corpus {dc.corpus!r}: heldout_frac={dc.heldout_frac} leaves no "
                          f"{'training' if held.all() else 'held-out'} documents among {len(src)}")
     tr_idx, ho_idx = np.flatnonzero(~held), np.flatnonzero(held)
-    return Corpus(subset_source(src, tr_idx), [src.tokens(int(i)) for i in ho_idx], int(vocab), str(dc.corpus))
+    return Corpus(src.select(tr_idx), [src.tokens(int(i)) for i in ho_idx], int(vocab), str(dc.corpus))
 
 
 def training_subset(src, tokens: int, seed: int, min_doc_len: int = 0):
@@ -355,7 +339,7 @@ def training_subset(src, tokens: int, seed: int, min_doc_len: int = 0):
     if k > order.size:
         warnings.warn(f"the training documents hold {int(cum[-1])} tokens, fewer than the {tokens} asked for: "
                       "arms will see them more than once (epochs > 1 in the report)", stacklevel=2)
-    return subset_source(src, np.sort(order[:k]))
+    return src.select(np.sort(order[:k]))
 
 
 def make_loader(src, arm: Arm, tr: LMTrain, context: int, tokens_per_batch: int, seed: int, ctx, cuda: bool):
