@@ -140,7 +140,6 @@ def _attn_fwd_packed(Q, K, V, O, LSE, CU, DOC,
     real = row_doc < B
     d_c = tl.minimum(row_doc, tl.maximum(B - 1, 0))
     row_start = tl.load(CU + d_c, mask=real, other=0)
-    row_len = tl.load(CU + d_c + 1, mask=real, other=0) - row_start
     i = rows - row_start                                             # position in its document
     r64 = rows.to(tl.int64)
     qmask = row_mask(real, dmask, EVEN_D)
