@@ -15,7 +15,7 @@ import importlib
 import os
 from pathlib import Path
 
-OPS = ("attention", "data", "rope")  # one module per op: lengen_fast.bench.bench_<op>
+OPS = ("attention", "data", "rope", "lm")  # one module per op: lengen_fast.bench.bench_<op> (lm: a training step)
 
 
 def main(argv=None) -> int:

@@ -33,7 +33,7 @@ def test_lengen_bench_quick_outside_the_checkout(tmp_path):
     assert sorted(p.name for p in work.iterdir()) == ["out"]  # nothing else written to the working folder
     with open(work / "out" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert {r["op"] for r in rows} == {"attention", "decompose", "pack", "gather", "rope"}
+    assert {r["op"] for r in rows} == {"attention", "decompose", "pack", "gather", "rope", "lm_step"}
     providers = {r["provider"] for r in rows}
     assert {"lengen_cpu", "sdpa_per_doc", "hf_eager", "numpy vectorized"} <= providers
     assert all(float(r["median_ms"]) > 0 for r in rows)

@@ -35,8 +35,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-record", action="store_true")
     add_common_args(p)
     a = p.parse_args(argv)
-    if apply_common_args(a):
+    if apply_common_args(a):  # smoke run: the tests' tiny model and corpus unless a preset was named
         a.steps = min(a.steps, 2)
+        if a.preset == "lm_cpu":
+            a.preset = "lm_tiny"
     torch.set_num_threads(a.threads)
     cfg = lm.LMConfig()
     lm.apply_overrides(cfg, lm.load_preset(a.preset))
