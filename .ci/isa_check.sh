@@ -3,7 +3,7 @@
 # builds lengen_fast/_C exactly as the wheel does (Release, LENGEN_NATIVE=OFF) but without the
 # strip step, so its local functions keep their names, then lists every function whose code
 # touches a ymm (AVX/AVX2) or zmm / mask (AVX-512) register. It fails when one of them is not a
-# run-time-dispatched variant (a name ending in _avx2 / _avx512, one in an avx2:: namespace, or a
+# run-time-dispatched variant (a name ending in _avx2 / _avx512, one in an avx2:: or avx512:: namespace, or a
 # helper compiled with the same target attribute), i.e. when an AVX instruction could run on a CPU
 # that lacks it.
 # Usage: bash .ci/isa_check.sh [BUILD_DIR]    (default build/isa_check; 1-4 minutes on 2 cores)
@@ -27,7 +27,7 @@ objdump -d --no-show-raw-insn "$so" | c++filt | awk '
 printf "%6s %6s %s\n" ymm zmm/k function
 cut -c1-180 "$dir/isa_functions.txt"
 # Allowed: the dispatched variants and the helpers that carry the same target attribute.
-allowed='_avx2\(|_avx512\(|store_first\(|multishift_ctrl\(|add_bit_counts\(|::avx2::'
+allowed='_avx2\(|_avx512\(|store_first\(|multishift_ctrl\(|add_bit_counts\(|::avx2::|::avx512::'
 bad=$(grep -v -E "$allowed" "$dir/isa_functions.txt" || true)
 if [ -n "$bad" ]; then
   echo "FAIL: wide-register instructions outside the dispatched variants:"; echo "$bad"; exit 1
