@@ -224,6 +224,8 @@ def test_lm_end_to_end_tiny(tmp_path, capsys):
         assert r["loss_by_position"][0]["tokens"] > 0
         assert r["knobs"] == dataclass_knobs(r["arm"])
     assert rep["edges"] == [0, 128, 256, 512, 1024]
+    c = rep["corpus"]                                                           # positions: whole held-out files
+    assert c["position_source"] == "whole held-out files" and max(c["position_doc_lens"]) == 1024
     kinds = [e["scaling"] for e in rep["extrapolation"]]
     assert kinds == ["none", "linear", "ntk", "yarn"] * 2
     none = next(e for e in rep["extrapolation"] if e["scaling"] == "none" and e["seed"] == 0)
