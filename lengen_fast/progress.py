@@ -22,6 +22,15 @@ from typing import Callable, TextIO
 DEFAULT_INTERVAL_S = 10.0
 
 
+def _fmt_amount(x: float, unit: str) -> str:
+    """An amount of ``unit`` with an SI prefix (``unit`` "B": 12.3 MB)."""
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(x) < 1000 or prefix == "T":
+            return f"{x:.0f} {prefix}{unit}" if not prefix else f"{x:.1f} {prefix}{unit}"
+        x /= 1000.0
+    return f"{x} {unit}"
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(s, 0))
     h, m = divmod(s, 3600)
@@ -33,7 +42,8 @@ class PlainProgress:
     """Progress as plain lines, for a stream that is not a terminal (a log file, a pipe, CI)."""
 
     def __init__(self, total: int | None, *, desc: str = "", initial: int = 0, interval_s: float | None = None,
-                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic):
+                 stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic, unit: str = "step"):
+        self.unit = unit  # "step": counts of steps (it/s); anything else: amounts with SI prefixes ("B": MB/s)
         if interval_s is None:
             interval_s = float(os.environ.get("LENGEN_PROGRESS_INTERVAL", DEFAULT_INTERVAL_S))
         if not interval_s > 0:
@@ -45,7 +55,12 @@ class PlainProgress:
         self._start = self._last = clock()
         self._start_n = self._last_n = initial
         self._closed = False
-        self._line(f"start at step {initial}" + (f" of {total}" if total is not None else ""))
+        self._line(f"start at {self._amount(initial)}" + (f" of {self._amount(total, bare=True)}" if total is not None else ""))
+
+    def _amount(self, x, bare: bool = False) -> str:
+        if self.unit == "step":
+            return str(x) if bare else f"step {x}"
+        return _fmt_amount(x, self.unit)
 
     def _line(self, text: str) -> None:
         prefix = f"[{self.desc}] " if self.desc else ""
@@ -57,8 +72,10 @@ class PlainProgress:
         elapsed = now - self._start
         done = self.n - self._start_n
         rate = done / elapsed if elapsed > 0 else 0.0
-        parts = [f"step {self.n}" + (f"/{self.total} ({100.0 * self.n / self.total:.0f}%)" if self.total else "")]
-        parts.append(f"{rate:.2f} it/s, elapsed {_fmt_time(elapsed)}")
+        parts = [self._amount(self.n) + (f"/{self._amount(self.total, bare=True)} ({100.0 * self.n / self.total:.0f}%)"
+                                         if self.total else "")]
+        speed = f"{rate:.2f} it/s" if self.unit == "step" else f"{_fmt_amount(rate, self.unit)}/s"
+        parts.append(f"{speed}, elapsed {_fmt_time(elapsed)}")
         if self.total and rate > 0:
             parts.append(f"eta {_fmt_time((self.total - self.n) / rate)}")
         if self.postfix:
@@ -79,7 +96,7 @@ class PlainProgress:
         """A line of its own, now (an evaluation's results); the values also join the postfix."""
         self.postfix.update({k: str(v) for k, v in values.items()})
         detail = " ".join(f"{k}={v}" for k, v in values.items())
-        self._line(f"step {self.n}: {what}" + (f" {detail}" if detail else ""))
+        self._line(f"{self._amount(self.n)}: {what}" + (f" {detail}" if detail else ""))
 
     def write(self, text: str) -> None:
         self._line(text)
@@ -140,10 +157,12 @@ class _Off:
 
 
 def progress(total: int | None = None, *, desc: str = "", initial: int = 0, enabled: bool = True,
-             stream: TextIO | None = None, interval_s: float | None = None, tty: bool | None = None):
+             stream: TextIO | None = None, interval_s: float | None = None, tty: bool | None = None,
+             unit: str = "step"):
     """tqdm on a terminal, :class:`PlainProgress` elsewhere, nothing when ``enabled`` is False.
 
     stream: where progress goes (default sys.stderr, as tqdm). tty: override the stream's isatty().
+    unit: "step" (counts), or a unit whose amounts get SI prefixes, e.g. "B" for bytes.
     """
     if not enabled:
         return _Off()
@@ -153,5 +172,7 @@ def progress(total: int | None = None, *, desc: str = "", initial: int = 0, enab
         tty = bool(isatty and isatty())
     if tty:
         from tqdm.auto import tqdm
-        return _Tqdm(tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True, leave=False))
-    return PlainProgress(total, desc=desc, initial=initial, interval_s=interval_s, stream=stream)
+        scaled = {} if unit == "step" else {"unit": unit, "unit_scale": True}
+        return _Tqdm(tqdm(total=total, initial=initial, desc=desc, file=stream, dynamic_ncols=True, leave=False,
+                          **scaled))
+    return PlainProgress(total, desc=desc, initial=initial, interval_s=interval_s, stream=stream, unit=unit)

@@ -44,6 +44,20 @@ def test_plain_lines_at_most_every_interval_plus_events():
     assert "\r" not in out.getvalue()
 
 
+def test_plain_lines_in_bytes():
+    # lengen-data prepare counts bytes of text: amounts and rates get SI prefixes instead of "step N" and it/s.
+    out, clock = io.StringIO(), FakeClock()
+    bar = PlainProgress(40_000_000, desc="prepare", initial=1_500_000, interval_s=5.0, stream=out, clock=clock,
+                        unit="B")
+    clock.t += 6.0
+    bar.update(12_000_000)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[prepare] start at 1.5 MB of 40.0 MB"
+    assert lines[1].startswith("[prepare] 13.5 MB/40.0 MB (34%) | 2.0 MB/s, elapsed 0:06 | eta 0:13")
+    assert lines[2].startswith("[prepare] done: 13.5 MB/40.0 MB (34%)")
+
+
 def test_a_short_run_redirected_to_a_pipe_writes_four_lines(tmp_path):
     # A real process whose stderr is a pipe (not a terminal): 2000 steps, 2 evaluations, the default helper.
     script = textwrap.dedent("""

@@ -65,7 +65,7 @@ class PrepareConfig:
     dtype: str = "auto"                   # token type: auto (uint16 when the vocabulary fits) | uint16 | uint32
     shard_mb: float = 64.0                # text MB per task, i.e. per output shard
     workers: int = 0                      # processes; 0: every core
-    progress: bool = True                 # tqdm bar (silent when stderr is not a terminal)
+    progress: bool = True                 # a tqdm bar on a terminal, plain lines (every 10 s) in a log
     overwrite: bool = False               # replace an output directory prepared from other inputs/tokenizer
 
 
@@ -526,7 +526,7 @@ def prepare(source, out_dir, config: PrepareConfig | None = None, **overrides) -
     ``overrides`` set :class:`PrepareConfig` fields (``prepare(src, out, tokenizer="t.json")``).
     Rerunning with the same arguments resumes: shards already written are skipped.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
     import lengen_fast
     config = dataclasses.replace(config or PrepareConfig(), **overrides)
@@ -613,8 +613,9 @@ def prepare(source, out_dir, config: PrepareConfig | None = None, **overrides) -
     workers = c.workers or os.cpu_count() or 1
     args = [(i, tasks[i], c.text_column, dtype, c.add_special_tokens, str(out), plan) for i in todo]
     est = {i: sum(p[4] for p in tasks[i]) for i in range(len(tasks))}
-    bar = tqdm(total=sum(est.values()), initial=sum(est[i] for i in records), unit="B", unit_scale=True,
-               desc="prepare", disable=None if c.progress else True)
+    # a terminal: a tqdm bar; a log: a plain line every 10 s (lengen_fast.progress); in bytes of text
+    bar = progress(total=sum(est.values()), initial=sum(est[i] for i in records), desc="prepare",
+                   enabled=c.progress, unit="B")
     try:
         if workers == 1 or len(todo) <= 1:
             _init_worker(tok.to_str(), dataset, pool_process=False)
