@@ -290,6 +290,13 @@ def test_lm_cli_hook_and_bad_input(tmp_path, capsys):
     assert lm.main(["--preset", "lm_tiny", "--corpus", str(tmp_path / "missing.arrow"),
                     "--out", str(tmp_path / "y")]) == 2
     assert "missing.arrow" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"                                 # a preset file whose section is not an object
+    bad.write_text('{"model": 5}')
+    assert lm.main(["--preset", str(bad), "--out", str(tmp_path / "z")]) == 2
+    assert "bad.json" in (err := capsys.readouterr().err) and "section 'model' must be an object" in err
+    bad.write_text('{"train": {"contxt": 64}}')
+    assert lm.main(["--preset", str(bad), "--out", str(tmp_path / "z")]) == 2
+    assert "unknown config field train.contxt" in capsys.readouterr().err
 
 
 def test_lm_on_a_prepared_corpus(tmp_path):

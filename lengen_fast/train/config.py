@@ -222,14 +222,16 @@ SECTIONS = {"model": ModelConfig, "task": TaskConfig, "train": TrainConfig, "ext
 TOP_LEVEL = ("out", "resume", "progress")
 
 
-def apply_overrides(cfg: RunConfig, d, source: str = "overrides") -> None:
+def apply_overrides(cfg, d, source: str = "overrides", sections: dict = SECTIONS,
+                    top_level: tuple = TOP_LEVEL) -> None:
     """Set fields from ``{"section": {"field": v}}`` or top-level ``{"out": ...}``; unknown keys raise,
-    naming ``source`` (a preset file, or "overrides")."""
+    naming ``source`` (a preset file, or "overrides"). ``sections`` / ``top_level``: those of ``cfg``'s
+    class (RunConfig's by default; lengen-train lm passes LMConfig's)."""
     if not isinstance(d, dict):
-        raise ValueError(f"{source}: must be a JSON object mapping sections {sorted(SECTIONS)} to "
+        raise ValueError(f"{source}: must be a JSON object mapping sections {sorted(sections)} to "
                          f"{{field: value}} objects, got a {type(d).__name__}")
     for key, val in d.items():
-        if key in SECTIONS:
+        if key in sections:
             if not isinstance(val, dict):
                 raise ValueError(f"{source}: section {key!r} must be an object of fields, got "
                                  f"{type(val).__name__} {val!r}")
@@ -239,11 +241,11 @@ def apply_overrides(cfg: RunConfig, d, source: str = "overrides") -> None:
                 if k not in names:
                     raise ValueError(f"{source}: unknown config field {key}.{k} (known: {sorted(names)})")
                 setattr(sec, k, v)
-        elif key in TOP_LEVEL:
+        elif key in top_level:
             setattr(cfg, key, val)
         else:
-            raise ValueError(f"{source}: unknown config section {key!r} (known: {sorted(SECTIONS)} and "
-                             f"{', '.join(TOP_LEVEL)})")
+            raise ValueError(f"{source}: unknown config section {key!r} (known: {sorted(sections)} and "
+                             f"{', '.join(top_level)})")
 
 
 def load_preset(name: str) -> dict:

@@ -35,6 +35,7 @@ import torch
 
 from . import runinfo
 from .config import ModelConfig
+from .config import apply_overrides as _apply_overrides
 from .lm_eval import (EvalDocs, choose_position_docs, loss_by_position, position_edges, t_interval,
                       validation_loss, verdict)
 from .model import Transformer
@@ -174,19 +175,9 @@ SECTIONS = {"model": ModelConfig, "data": LMData, "train": LMTrain, "eval": LMEv
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-def apply_overrides(cfg: LMConfig, d: dict) -> None:
-    for key, val in d.items():
-        if key in SECTIONS:
-            sec = getattr(cfg, key)
-            names = {f.name for f in dataclasses.fields(sec)}
-            for k, v in val.items():
-                if k not in names:
-                    raise ValueError(f"unknown config field {key}.{k} (known: {sorted(names)})")
-                setattr(sec, k, v)
-        elif key in ("out", "progress"):
-            setattr(cfg, key, val)
-        else:
-            raise ValueError(f"unknown config section {key!r} (known: {sorted(SECTIONS)} and out/progress)")
+def apply_overrides(cfg: LMConfig, d: dict, source: str = "overrides") -> None:
+    """config.apply_overrides with LMConfig's sections (and its top-level out / progress)."""
+    _apply_overrides(cfg, d, source, sections=SECTIONS, top_level=("out", "progress"))
 
 
 def load_preset(name: str) -> dict:
@@ -816,13 +807,13 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str]) -> LMConfig:
     args = build_parser().parse_args(argv)
     cfg = LMConfig()
-    apply_overrides(cfg, load_preset(args.preset))
+    apply_overrides(cfg, load_preset(args.preset), source=f"preset {args.preset!r}")
     over: dict = {}
     for k, v in vars(args).items():
         if "." in k and v is not None:
             sec, name = k.split(".", 1)
             over.setdefault(sec, {})[name] = v
-    apply_overrides(cfg, over)
+    apply_overrides(cfg, over, source="command line")
     if args.out:
         cfg.out = args.out
     if args.no_progress:
