@@ -20,19 +20,14 @@ import lengen_fast
 from lengen_fast import backends, varlen_attention
 from lengen_fast.attention import op
 
-from helpers.attention_cases import ATOL, CASES, FP32_ULP, SMALL_CASES, Case, check_outputs, cu_seqlens, make_inputs
+from helpers.attention_cases import (CASES, SMALL_CASES, Case, backend_atol, check_outputs, cu_seqlens,
+                                     make_inputs, run_op)
 
 HAS_TRITON = "triton" in op._supported() and backends.available("attention", "triton", torch.device("cpu"))
 
 
 def _run(c: Case, q, k, v, dout, cu_q, cu_k, backend, deterministic=False):
-    xs = [x.detach().requires_grad_() for x in (q, k, v)]
-    max_q, max_k = c.max_seqlen or (None, None)
-    out, lse = varlen_attention(*xs, cu_q, cu_k, max_q, max_k, causal=c.causal, softmax_scale=c.scale,
-                                window_size=c.window, softcap=c.softcap, return_lse=True, deterministic=deterministic,
-                                backend=backend)
-    out.backward(dout)
-    return [out, lse] + [x.grad for x in xs]
+    return run_op(c, (q, k, v, dout, cu_q, cu_k), backend, deterministic)
 
 
 def _check(c: Case, backend="cpu", seed=0, device="cpu"):
@@ -44,7 +39,7 @@ def _check(c: Case, backend="cpu", seed=0, device="cpu"):
         assert torch.equal(x, b)
     out, lse = got[:2]
     assert out.requires_grad and not lse.requires_grad                      # lse is not differentiable
-    check_outputs(c, inputs, got, lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item(), backend)
+    check_outputs(c, inputs, got, backend_atol(c), backend)
     return got
 
 

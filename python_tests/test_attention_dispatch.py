@@ -20,7 +20,7 @@ from lengen_fast import backends, varlen_attention
 from lengen_fast.attention import op, peers
 from lengen_fast.reference import varlen_attention_ref
 
-from helpers.attention_cases import ATOL, FP32_ULP, Case, check_outputs, cu_seqlens, make_inputs, small
+from helpers.attention_cases import Case, backend_atol, check_outputs, cu_seqlens, make_inputs, run_op, small
 
 GARBAGE = float("nan")
 
@@ -125,15 +125,8 @@ def _hinted(c: Case) -> Case:
 
 def _run(c: Case, backend=None, deterministic=False, seed=0):
     inputs = make_inputs(c, seed)
-    q, k, v, dout, cu_q, cu_k = inputs
-    xs = [x.detach().requires_grad_() for x in (q, k, v)]
-    max_q, max_k = c.max_seqlen or (None, None)
-    out, lse = varlen_attention(*xs, cu_q, cu_k, max_q, max_k, causal=c.causal, softmax_scale=c.scale,
-                                window_size=c.window, softcap=c.softcap, return_lse=True, deterministic=deterministic,
-                                backend=backend)
-    out.backward(dout)
-    got = [out, lse] + [x.grad for x in xs]
-    check_outputs(c, inputs, got, lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item(), str(backend))
+    got = run_op(c, inputs, backend, deterministic)
+    check_outputs(c, inputs, got, backend_atol(c), str(backend))
     return got
 
 
@@ -378,14 +371,7 @@ GPU_CASES = {
 
 def _gpu_run(c: Case, backend, deterministic=False, seed=0):
     inputs = make_inputs(c, seed, "cuda")
-    q, k, v, dout, cu_q, cu_k = inputs
-    xs = [x.detach().requires_grad_() for x in (q, k, v)]
-    max_q, max_k = c.max_seqlen
-    out, lse = varlen_attention(*xs, cu_q, cu_k, max_q, max_k, causal=c.causal, softmax_scale=c.scale,
-                                window_size=c.window, softcap=c.softcap, return_lse=True, deterministic=deterministic,
-                                backend=backend)
-    out.backward(dout)
-    return inputs, [out, lse] + [x.grad for x in xs]
+    return inputs, run_op(c, inputs, backend, deterministic)
 
 
 def _skip_missing(route):
@@ -402,7 +388,7 @@ def test_gpu_every_route_matches_reference(route, name):
     _skip_missing(route)
     c = _hinted(GPU_CASES[name])
     inputs, got = _gpu_run(c, route)
-    check_outputs(c, [x.cpu() if x is not None else None for x in inputs], [x.cpu() for x in got], lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item(), route)
+    check_outputs(c, [x.cpu() if x is not None else None for x in inputs], [x.cpu() for x in got], backend_atol(c), route)
 
 
 @pytest.mark.gpu
@@ -412,7 +398,7 @@ def test_gpu_fa2_window():
                      window=(50, 7), tail=2))
     inputs, got = _gpu_run(c, "fa2")
     check_outputs(c, [x.cpu() if x is not None else None for x in inputs], [x.cpu() for x in got],
-                  lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item(), "fa2 window")
+                  backend_atol(c), "fa2 window")
 
 
 @pytest.mark.gpu
@@ -445,4 +431,4 @@ def test_gpu_mixed_routes_through_table(tmp_path, monkeypatch, fwd, bwd):
     assert [backends.select_attention(call, p, None, op._supported()) for p in ("fwd", "bwd")] == [fwd, bwd]
     inputs, got = _gpu_run(c, None)
     check_outputs(c, [x.cpu() if x is not None else None for x in inputs], [x.cpu() for x in got],
-                  lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item(), f"{fwd}+{bwd}")
+                  backend_atol(c), f"{fwd}+{bwd}")

@@ -117,6 +117,25 @@ def assert_within_rule(got, truth_, eager_, atol_of: Callable[[torch.Tensor], fl
         assert_rule(g_, t_, e_, atol_of(t_[fin]), f"{name}: {label}", mask=fin)
 
 
+def backend_atol(c: Case) -> Callable[[torch.Tensor], float]:
+    """The absolute slack for a kernel that accumulates in fp32: ATOL[dtype] + 2 fp32 ulps of max|truth|."""
+    return lambda t: ATOL[c.dtype] + 2 * FP32_ULP * t.abs().max().item()
+
+
+def run_op(c: Case, inputs, backend=None, deterministic: bool = False) -> list[torch.Tensor]:
+    """lengen_fast.varlen_attention on ``inputs`` (make_inputs) with the case's options, forward and backward:
+    [out, lse, dq, dk, dv]. q, k, v are detached copies, so the inputs are untouched."""
+    from lengen_fast import varlen_attention
+    q, k, v, dout, cu_q, cu_k = inputs
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    max_q, max_k = c.max_seqlen or (None, None)
+    out, lse = varlen_attention(*xs, cu_q, cu_k, max_q, max_k, causal=c.causal, softmax_scale=c.scale,
+                                window_size=c.window, softcap=c.softcap, return_lse=True, deterministic=deterministic,
+                                backend=backend)
+    out.backward(dout)
+    return [out, lse] + [x.grad for x in xs]
+
+
 def check_outputs(c: Case, inputs, got, atol_of: Callable[[torch.Tensor], float], label: str) -> None:
     """One backend run ``got`` = (out, lse, dq, dk, dv) on ``inputs``: shapes and dtypes, the tolerance rule against
     the fp64 reference, and zero outputs and gradients for tail tokens (after cu_seqlens[-1])."""
