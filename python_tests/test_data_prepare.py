@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lengen_fast.bench.common import proc_status_mib
 from lengen_fast.data import audit, open_tokens, synthetic_table, write_arrow
 from lengen_fast.data import cli as data_cli
 from lengen_fast.data import prepare as prep
@@ -155,11 +156,10 @@ def test_trained_tokenizer_resume_and_determinism(tmp_path, corpus, monkeypatch)
 
 
 def _anon_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status RssAnon")
+    mib = proc_status_mib("RssAnon")
+    if mib != mib:
+        pytest.skip("no /proc/self/status RssAnon")
+    return mib
 
 
 def test_zero_copy_across_shards(tmp_path):

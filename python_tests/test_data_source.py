@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lengen_fast.bench.common import proc_status_mib
 from lengen_fast.data import embedded_corpus, open_tokens, synthetic_table, write_arrow
 
 DOCS = [[1, 2, 3], [], [4], [5, 6, 7, 8, 9], [10, 11]]
@@ -255,14 +256,10 @@ def test_gather_rejects_bad_tokens_lazily():
 
 # -- zero-copy: RSS of a memory-mapped file --------------------------------------------------
 def _anon_mb():
-    # Anonymous (process-private) resident memory. File-backed pages of the memory map are page
-    # cache: shared, clean and reclaimable (the kernel may map them as 2 MiB folios, so plain RSS
-    # jumps by 2 MiB per touched region), so they are not counted as the loader's memory.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    pytest.skip("no /proc/self/status RssAnon")
+    mib = proc_status_mib("RssAnon")
+    if mib != mib:
+        pytest.skip("no /proc/self/status RssAnon")
+    return mib
 
 
 def test_memory_mapped_open_does_not_load_tokens(tmp_path):

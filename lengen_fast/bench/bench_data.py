@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from lengen_fast import backends
-from lengen_fast.bench.common import (Timing, add_common_args, apply_common_args, measure, print_table, quick,
-                                      record)
+from lengen_fast.bench.common import (Timing, add_common_args, apply_common_args, measure, print_table,
+                                      proc_status_mib, quick, record)
 from lengen_fast.data import (LoaderConfig, PackedLoader, concat_chunk, decompose, decompose_numpy, decompose_ref,
                               open_tokens, pack_bfd, pack_bfd_ref, pack_first_fit_ref, synthetic_lengths,
                               synthetic_table, write_arrow)
@@ -145,22 +145,6 @@ def bench_bfd():
     return rows + srows
 
 
-def _anon_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _timing(times_s) -> Timing:
     ms = sorted(t * 1e3 for t in times_s)
     q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) >= 2 else [ms[0]] * 9
@@ -189,7 +173,7 @@ def bench_gather():
             path = write_arrow(synthetic_table(lengths, vocab_size=50000, seed=3), Path(d) / f"tok{mb}.arrow")
             np.copyto(dst, buf)  # touch the memcpy buffers before the RSS baseline
             gc.collect()
-            anon0, rss0 = _anon_mb(), _rss_mb()
+            anon0, rss0 = proc_status_mib("RssAnon"), proc_status_mib("VmRSS")
             src = open_tokens(path)
             loader = PackedLoader(src, LoaderConfig(strategy="pack", tokens_per_batch=tpb, max_len=8192, prefetch=0))
             loader.make_batch(0, 0)
@@ -201,7 +185,7 @@ def bench_gather():
                 np.copyto(dst, buf)
                 tm.append(time.perf_counter() - t1)
                 tg.append(t1 - t0)
-            anon1, rss1 = _anon_mb(), _rss_mb()
+            anon1, rss1 = proc_status_mib("RssAnon"), proc_status_mib("VmRSS")
             t_g, t_m = _timing(tg), _timing(tm)
             memcpy_gbs = 2 * buf.nbytes / t_m.median_ms / 1e6
             gbs = tpb * (4 + 24) / t_g.median_ms / 1e6

@@ -23,6 +23,18 @@ import torch
 DEFAULT_OUT = Path("lengen_bench")  # relative to the working directory: never inside the installed package
 
 
+def proc_status_mib(field: str) -> float:
+    """A memory field of /proc/self/status ("RssAnon", "VmRSS") in MiB; NaN where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def results_path() -> Path:
     """The CSV rows go to: $LENGEN_RESULTS (set by ``--out``), else ./lengen_bench/results.csv."""
     return Path(os.environ.get("LENGEN_RESULTS") or DEFAULT_OUT / "results.csv")
