@@ -677,3 +677,16 @@ def test_ood_score_ignores_unlearned_tasks_and_corrects_for_guessing():
     res = score(Oracle(docs, wrong, 200), sets, None, 5, [], cfg, learned=0.9)
     assert res["acc"]["majority"] == {5: 1.0, 9: 1.0} and res["acc"]["reverse"][5] == 0.0
     assert res["ood_score"] == pytest.approx(0.5)  # (majority 1.0 + reverse 0) / 2
+
+
+def test_quick_run_prints_no_warning(tmp_path):
+    """Issue 22: `lengen-train` printed torch's "non-writable NumPy array" UserWarning (the cached, read-only
+    evaluation arrays were wrapped without a copy). In a fresh process (torch warns once per process), every
+    warning is an error here."""
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-W", "error", "-m", "lengen_fast.train", "--preset", "quick", "--out",
+                          str(tmp_path / "q"), "--no-progress", "--seeds", "0", "--tasks", "passkey,text",
+                          "--no-extend", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Warning" not in res.stderr, res.stderr[-3000:]

@@ -36,7 +36,7 @@ def token_logits(model, tokens: np.ndarray) -> torch.Tensor:
     per = max(1, EVAL_TOKENS // L)
     out = []
     for i in range(0, B, per):
-        t = torch.as_tensor(tokens[i:i + per], dtype=torch.int64)
+        t = torch.tensor(tokens[i:i + per], dtype=torch.int64)   # a copy: cached eval arrays are read-only
         cu, pos = _uniform_layout(t.shape[0], L)
         out.append(model(t.reshape(-1), cu, L, pos).view(t.shape[0], L, -1))
     return torch.cat(out)
@@ -60,7 +60,7 @@ def greedy_decode(model, prompts: np.ndarray, answer_len: int) -> np.ndarray:
     """Autoregressive greedy decoding of ``answer_len`` tokens after same-length prompts (B, P)."""
     was = model.training
     model.eval()
-    seq = torch.as_tensor(prompts, dtype=torch.int64)
+    seq = torch.tensor(prompts, dtype=torch.int64)               # a copy: prompts may be read-only
     for _ in range(answer_len):
         B, L = seq.shape
         cu, pos = _uniform_layout(B, L)
@@ -77,7 +77,7 @@ def loss_by_position(model, docs: np.ndarray, edges: list[int]) -> list[float]:
     model.eval()
     logits = token_logits(model, docs)
     model.train(was)
-    t = torch.as_tensor(docs[:, 1:], dtype=torch.int64)
+    t = torch.tensor(docs[:, 1:], dtype=torch.int64)
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none")
     loss = loss.view(t.shape).mean(0).numpy()                                       # (L-1,) by target pos - 1
     return [float(loss[a:b].mean()) if b > a else math.nan for a, b in zip(edges[:-1], edges[1:])]
