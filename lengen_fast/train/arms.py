@@ -69,6 +69,9 @@ def parse_arm(spec: str) -> ArmConfig:
         if spec not in ARM_PRESETS:
             raise ValueError(f"unknown arm {spec!r}: choose a preset {preset_names()} or define one as {GRAMMAR}")
         return ARM_PRESETS[spec]
+    if "=" not in spec:
+        raise ValueError(f"arm spec {spec!r} is not name:knob=value,... (the packing:attention:positions spelling of "
+                         f"older lengen-train lm versions is gone): {GRAMMAR}")
     name, _, body = spec.partition(":")
     name = name.strip()
     if not name or any(c in name for c in "/\\ ") or name in ARM_PRESETS or name in ARM_ALIASES:

@@ -154,22 +154,26 @@ def config_from_args(argv: list[str]) -> tuple[str, RunConfig]:
     return cmd, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def plan_printing_warnings(cfg: RunConfig, command: str, mode: str):
+    """make_plan, printing its warnings (too few seeds, short lengths) as they come, before any error."""
     from .plan import make_plan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return make_plan(cfg, command, mode)
+        finally:
+            for w in caught:
+                print(f"lengen-train: warning: {w.message}", file=sys.stderr)
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["replicate"]:
         from .replicate import main as replicate_main
         return replicate_main(argv[1:])
     try:
         cmd, cfg = config_from_args(argv)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                plan = make_plan(cfg, "lengen-train " + " ".join(argv) if argv else "lengen-train", cmd)
-            finally:
-                for w in caught:
-                    print(f"lengen-train: warning: {w.message}", file=sys.stderr)
+        plan = plan_printing_warnings(cfg, "lengen-train " + " ".join(argv) if argv else "lengen-train", cmd)
         spawn = cfg.dist.nproc > 1 and not distributed.under_launcher()
         ctx = None if spawn else distributed.init_distributed(cfg.dist.dist_backend, cfg.dist.parallel,
                                                                    cfg.dist.device)

@@ -3,7 +3,8 @@
 One hold-out rule for every text source (:func:`heldout_mask`): a document is held out when a hash of its key
 falls below ``heldout_frac``. The key of an embedded document is its stdlib file's path (so no definition of a
 held-out module, nor a near copy from the same file, is ever trained on); the key of a prepared corpus's document
-is its index. The tasks workload's natural text and the corpus workload use the same rule through
+is its index. A held-out embedded definition that repeats a training definition byte for byte (a short
+``__repr__``, a bare ``pass``) is dropped from the held-out set. The tasks workload's natural text and the corpus workload use the same rule through
 :func:`load_corpus`.
 
 The embedded corpus is the Python standard library, cut into definitions so that the length distribution looks
@@ -132,6 +133,8 @@ def stdlib_corpus(heldout_frac: float = 0.05, limit: int | None = None) -> LMCor
                 whole.append(src)
         else:
             train.extend(units)
+    seen = set(train)     # a definition repeated verbatim in a training file is not held out (e.g. `pass` bodies)
+    held = [u for u in held if u not in seen]
     if not train or not held:
         raise ValueError(f"the embedded corpus split left no {'training' if not train else 'held-out'} documents "
                          f"(files={limit or 'all'}, heldout_frac={heldout_frac}); use more files")

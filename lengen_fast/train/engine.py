@@ -234,7 +234,7 @@ def run(plan: Plan, log=print) -> dict:
         if not tr.seeds_auto:
             break
         rep = finish(assemble(plan, results, run_info, t0, load0, {}))
-        mdes = {h["name"]: h["mde"] for h in headline(rep) if h["primary"]}
+        mdes = {h["key"]: h["diff"]["mde"] for h in headline(rep) if h["primary"]}
         worst = max(mdes.values()) if mdes else math.inf
         need = rep["power"]["seeds_needed"]
         per_round = rounds[-1]["seconds"]

@@ -24,9 +24,10 @@ from .stats import MIN_N
 from .trainer import Budget
 
 CONFIG_FILE = "config.json"     # under --out: the config a run started with (what --resume compares)
-# fields that do not change any (arm, seed) result: a resume may change them
+# fields that do not change any (arm, seed) result: a resume may change them. (The world size is checked against
+# each checkpoint instead, with its own message: dist.nproc and dist.dist_backend are free here.)
 RESUME_FREE = ("out", "resume", "progress", "train.workers", "train.seeds_auto", "train.mde", "train.max_seeds",
-               "train.wall_budget_s")
+               "train.wall_budget_s", "dist.nproc", "dist.dist_backend")
 EXT_DEFAULT_ARM = {"tasks": "pack_masked", "corpus": "dd_natural"}
 
 

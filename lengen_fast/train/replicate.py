@@ -102,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: unset)")
     ap.add_argument("--no-progress", action="store_true", help="no progress output (default: off)")
     args = ap.parse_args(argv)
-    from .cli import run_plan
+    from .cli import plan_printing_warnings, run_plan
     from .config import RunConfig
-    from .plan import make_plan
     try:
         a_dir = Path(args.dir)
         orig = load_report(a_dir)
@@ -136,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                              "--seeds, or drop --same-seeds")
         cfg.out, cfg.resume = str(Path(args.out) if args.out else a_dir / "replicate"), False
         cfg.progress = not args.no_progress
-        plan = make_plan(cfg, "lengen-train replicate " + " ".join(argv or sys.argv[1:]), orig.get("mode", "run"))
+        plan = plan_printing_warnings(cfg, "lengen-train replicate " + " ".join(argv or sys.argv[1:]),
+                                      orig.get("mode", "run"))
         run_plan(plan)
         res = compare_reports(orig, load_report(Path(cfg.out)))
     except (ValueError, TypeError, OSError) as e:

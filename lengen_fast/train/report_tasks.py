@@ -239,9 +239,31 @@ def extension_table(rep) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(rep) -> str:
+    """One row per (variant, selection): the headline comparison against the base, with the knob it changes."""
+    ab = rep.get("ablation")
+    if not ab:
+        return ""
+    note = {v["arm"]: v["note"] for v in ab["variants"]}
+    lines = ["| factor | change | selection | OOD acc, base | OOD acc, variant | effect (variant − base) [95% CI] | MDE | "
+             "verdict |", "|---|---|---|---|---|---|---|---|"]
+    for c in (c for c in rep["comparisons"] if c["group"] == "headline"):
+        factor = next(v["factor"] for v in ab["variants"] if v["arm"] == c["a"])
+        change = knob_diff(rep, c["a"], c["b"]) + (f" ({note[c['a']]})" if note.get(c["a"]) else "")
+        lines.append(f"| {factor} | {change} | {c['selection']} | {fmt_ci(c['b_mean'])} | {fmt_ci(c['a_mean'])} | "
+                     f"{fmt_ci(c['diff'], signed=True)} | {fmt_mde(c['diff'])} | **{c['verdict']}** |")
+    return "\n".join(lines)
+
+
 def sections(rep) -> list[str]:
     tr = rep["config"]["train"]
-    md = ["## Arms: the knobs\n", arms_table(rep), "",
+    md = []
+    if rep.get("ablation"):
+        md += ["## Ablation: one factor at a time\n",
+               f"Base arm `{rep['ablation']['base']}`; each row changes one knob. \"identical\" means the knob changed "
+               "nothing the model sees in any seed (e.g. attention or positions when every row holds one document).\n",
+               ablation_table(rep), ""]
+    md += ["## Arms: the knobs\n", arms_table(rep), "",
           "## Evaluation sets\n",
           "Test prompts are disjoint from validation prompts (and both from training prompts) at every length, by a "
           "hash split of the prompt.\n"]
@@ -263,6 +285,8 @@ def sections(rep) -> list[str]:
 
 
 def summary_rows(rep) -> list[str]:
+    if rep.get("ablation"):
+        return [ablation_table(rep)]
     lines = ["| arm | supervised tokens | padding | OOD acc, final | OOD acc, best-ID |", "|---|---|---|---|---|"]
     for name in _arms(rep):
         rs = [r for r in rep["runs"] if r["arm"] == name]

@@ -256,8 +256,9 @@ class Run:
         """Validate (the workload's scores), update the OOD rule and the best-ID selection, save checkpoints."""
         t0 = time.perf_counter()
         row = self.validate_fn(self)
+        loss, n = self.ctx.host_sum(float(self.loss_sum.item()), self.loss_tokens)   # every rank's, since the last
         row.update(step=self.step, supervised=self.acct["supervised"], flops=self.flops, train_time=self.train_time,
-                   train_loss=float(self.loss_sum.item()) / max(1, self.loss_tokens))   # this rank's, since the last
+                   train_loss=loss / max(1.0, n))
         self.loss_sum.zero_()
         self.loss_tokens = 0
         self.history.append(row)

@@ -112,6 +112,12 @@ class TaskWorkload:
         if tr.seq_len and tr.seq_len < doc_max and any(a.packing == "bfd" for a in arms):
             raise ValueError(f"train.seq_len={tr.seq_len} is shorter than the longest training document ({doc_max} "
                              "tokens): packing=bfd keeps documents whole (concat and decompose may cut them)")
+        if any(a.packing == "decompose" for a in arms) and seq_len & (seq_len - 1):
+            raise ValueError(f"train.seq_len={seq_len} must be a power of two for packing=decompose (its largest "
+                             "bucket)")
+        if tr.tokens_per_batch < seq_len:
+            raise ValueError(f"train.tokens_per_batch={tr.tokens_per_batch} is smaller than the row length {seq_len} "
+                             "(the longest training document rounded up to a power of two, or train.seq_len)")
         if any(a.packing == "decompose" and a.fit == "pad" for a in arms) and seq_len < next_pow2(doc_max):
             raise ValueError(f"train.seq_len={seq_len} is shorter than the padded longest document "
                              f"({next_pow2(doc_max)}): fit=pad would still cut documents")
