@@ -1,4 +1,5 @@
-"""lengen-train lm: the chunked loss, the arms' knobs, the embedded corpus, an end-to-end tiny run, bad input."""
+"""lengen-train lm (the corpus workload of the one engine): the chunked loss, the arms' knobs, the embedded corpus
+and its one hold-out rule, an end-to-end tiny run, bad input."""
 from __future__ import annotations
 
 import json
@@ -9,11 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lengen_fast.train import lm
+from lengen_fast.train.arms import ARM_PRESETS, parse_arm
+from lengen_fast.train.cli import main as train_main
 from lengen_fast.train.config import ModelConfig
-from lengen_fast.train.lm_corpus import EOD, split_units
-from lengen_fast.train.lm_eval import EvalDocs, choose_position_docs, loss_by_position, position_edges, verdict
+from lengen_fast.train.corpus import EOD, heldout_mask, split_units, training_subset
+from lengen_fast.train.evaluate import choose_position_docs, loss_by_position, position_edges
 from lengen_fast.train.model import Transformer, chunked_cross_entropy
+from lengen_fast.train.report_corpus import time_to_target
+from lengen_fast.train.stats import compare
+from lengen_fast.train.trainer import make_loader, model_inputs
+
+
+def lm_main(argv):
+    return train_main(["lm", *argv])
 
 
 # ---------------------------------------------------------------------------------- chunked loss
@@ -104,7 +113,7 @@ def test_split_units_cuts_classes_into_header_and_methods():
 
 
 def test_embedded_corpus_is_short_documents_with_disjoint_heldout_files():
-    from lengen_fast.train.lm_corpus import stdlib_corpus
+    from lengen_fast.train.corpus import stdlib_corpus
     c = stdlib_corpus(0.2, 40)
     for tab in (c.train, c.heldout):
         col = tab.column("input_ids").combine_chunks()
@@ -119,19 +128,26 @@ def test_embedded_corpus_is_short_documents_with_disjoint_heldout_files():
     assert long_lens.sum() >= lens_held.sum() and long_lens.max() > lens_held.max()  # whole held-out files
     train_docs = {tuple(x.as_py()) for x in c.train.column("input_ids")}
     held_docs = {tuple(x.as_py()) for x in c.heldout.column("input_ids")}
-    assert len(held_docs) > 0 and len(train_docs - held_docs) > 0
+    assert len(held_docs) > 0 and not train_docs & held_docs                  # no held-out definition is trained on
+
+
+def test_one_holdout_rule_is_deterministic_and_independent_of_the_other_keys():
+    keys = [f"doc{i}" for i in range(2000)]
+    m = heldout_mask(keys, 0.1)
+    assert 0.07 < m.mean() < 0.13 and (heldout_mask(keys[::-1], 0.1)[::-1] == m).all()
+    assert (heldout_mask(keys[:500], 0.1) == m[:500]).all()                   # a key's fate is its own
+    with pytest.raises(ValueError, match="heldout_frac"):
+        heldout_mask(keys, 1.0)
 
 
 def _loader_batch(arm_name, context=64, tpb=256):
     from lengen_fast.data import open_tokens, synthetic_table
     lengths = np.array([5, 40, 90, 17, 64, 33, 8, 120, 3, 70, 11, 50] * 4)
     src = open_tokens(synthetic_table(lengths, vocab_size=30, seed=1))
-    arm = lm.parse_arm(arm_name)
-    tr = lm.LMTrain(context=context, min_len=8, tokens_per_batch=tpb)
-    ctx = lm.resolve_device("cpu") and __import__("lengen_fast.train.distributed", fromlist=["x"]).context()
-    loader = lm.make_loader(src, arm, tr, context, tpb, 0, ctx, False)
+    arm = parse_arm(arm_name)
+    loader = make_loader(src, arm, context, tpb, 0, min_len=8)
     batch = next(iter(loader))
-    return batch, lm.arm_inputs(batch, arm)
+    return batch, model_inputs(batch, arm)
 
 
 def test_arm_knobs_change_exactly_what_they_name():
@@ -142,7 +158,7 @@ def test_arm_knobs_change_exactly_what_they_name():
     batch, (tok, cu, ms, pos, lab) = _loader_batch("concat_docmask")
     assert torch.equal(cu, batch.cu_seqlens) and torch.equal(pos, batch.position_ids)
     assert cu.numel() > batch.row_cu_seqlens.numel()                           # documents inside rows
-    batch, (tok, cu, ms, pos, lab) = _loader_batch("concat:row:document")      # row attention, doc positions
+    batch, (tok, cu, ms, pos, lab) = _loader_batch("x:base=concat,positions=document")  # row attention, doc positions
     assert torch.equal(cu, batch.row_cu_seqlens) and torch.equal(pos, batch.position_ids)
     batch, (tok, cu, ms, pos, lab) = _loader_batch("dd_natural")
     lens = (cu[1:] - cu[:-1]).tolist()
@@ -151,24 +167,22 @@ def test_arm_knobs_change_exactly_what_they_name():
 
 def test_subset_factor_scales_the_subset_and_the_curriculum_cycles():
     from lengen_fast.data import open_tokens, synthetic_table
-    from lengen_fast.train.distributed import context
     src = open_tokens(synthetic_table(np.arange(1, 400), vocab_size=30, seed=1))
-    sub = lm.training_subset(src, 5000, seed=3)
+    sub = training_subset(src, 5000, seed=3)
     assert 5000 <= sub.num_tokens < 5000 + 400 and len(set(sub.lengths.tolist())) == len(sub)
-    assert lm.training_subset(src, 5000, seed=3).lengths.tolist() == sub.lengths.tolist()   # deterministic
-    tr = lm.LMTrain(context=64, min_len=8, tokens_per_batch=256, subset_factor=4)
-    loader = lm.make_loader(sub, lm.parse_arm("dd_grow_p2"), tr, 64, 256, 0, context(), False)
+    assert training_subset(src, 5000, seed=3).lengths.tolist() == sub.lengths.tolist()   # deterministic
+    loader = make_loader(sub, parse_arm("dd_grow_p2"), 64, 256, 0, min_len=8, cycles=4)
     assert loader.config.num_cycles == 4 and loader.config.curriculum == "grow_p2"
 
 
-def test_arm_spec_errors():
-    with pytest.raises(ValueError, match="packing"):
-        lm.parse_arm("chunks:row:row")
-    with pytest.raises(ValueError, match="curriculum"):
-        lm.parse_arm("concat:row:row:grow_p2")
-    with pytest.raises(ValueError, match="neither a preset"):
-        lm.parse_arm("nonsense")
-    assert lm.parse_arm("decompose:document:document:grow_p2:2").num_cycles == 2
+def test_one_arm_grammar_and_aliases():
+    assert parse_arm("concat").knobs() == ARM_PRESETS["concat_chunk"].knobs() and parse_arm("concat").name == "concat"
+    assert parse_arm("bfd_docmask").knobs() == ARM_PRESETS["pack_masked"].knobs()
+    assert parse_arm("x:base=dd_natural,cycles=2").cycles == 2
+    with pytest.raises(ValueError, match="is not name:knob=value"):
+        parse_arm("x:decompose:document")                                   # the old LM colon grammar is gone
+    with pytest.raises(ValueError, match="unknown arm"):
+        parse_arm("nonsense")
 
 
 def test_position_buckets_and_unreachable_multiples():
@@ -185,117 +199,119 @@ def test_position_buckets_and_unreachable_multiples():
     assert [r["lo"] for r in rows] == [0, 16, 32, 64]
     assert rows[-1]["loss"] is None and rows[-1]["tokens"] == 0
     # target positions a..b-1 per document (position 0 is never a target)
-    assert rows[0]["tokens"] == sum(min(len(d), 16) - 1 for d in docs.docs)
-    assert rows[2]["tokens"] == sum(max(0, min(len(d), 64) - 32) for d in docs.docs)
+    assert rows[0]["tokens"] == sum(min(len(d), 16) - 1 for d in docs)
+    assert rows[2]["tokens"] == sum(max(0, min(len(d), 64) - 32) for d in docs)
 
 
 def test_time_to_target_interpolates_between_evals():
     hist = [{"val_loss": 3.0, "train_time": 10.0, "flops": 100.0, "supervised": 1000},
             {"val_loss": 2.0, "train_time": 20.0, "flops": 200.0, "supervised": 2000},
             {"val_loss": 1.5, "train_time": 30.0, "flops": 300.0, "supervised": 3000}]
-    assert lm.time_to_target(hist, 2.5) == {"time_s": 15.0, "flops": 150.0, "supervised": 1500.0}
-    assert lm.time_to_target(hist, 3.5)["time_s"] == 10.0                         # the first eval is there
-    assert lm.time_to_target(hist, 1.0)["time_s"] is None
+    assert time_to_target(hist, 2.5) == {"time_s": 15.0, "flops": 150.0, "supervised": 1500.0}
+    assert time_to_target(hist, 3.5)["time_s"] == 10.0                         # the first eval is there
+    assert time_to_target(hist, 1.0)["time_s"] is None
 
 
 def test_verdict_logic():
-    assert verdict([0.5, 0.6, 0.55], "higher")["verdict"] == "holds"
-    assert verdict([0.5, 0.6, 0.55], "lower")["verdict"] == "opposite"
-    assert verdict([0.5, -0.6, 0.55], "higher")["verdict"] == "inconclusive"
-    assert verdict([0.5], "higher")["verdict"] == "inconclusive"                  # one seed: no interval
+    zero = [0.0, 0.0, 0.0]
+    assert compare([0.5, 0.6, 0.55], zero, "higher")["verdict"] == "holds"
+    assert compare([0.5, 0.6, 0.55], zero, "lower")["verdict"] == "opposite"
+    assert compare([0.5, -0.6, 0.55], zero, "higher")["verdict"] == "inconclusive"
+    assert compare([0.5], [0.0], "higher")["verdict"] == "inconclusive"        # one seed: no interval
 
 
 # ---------------------------------------------------------------------------------- end to end
 def test_lm_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "lm"
-    rc = lm.main(["--preset", "lm_tiny", "--out", str(out)])
-    assert rc == 0
+    assert lm_main(["--preset", "quick", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     arms = ["concat", "concat_docmask", "dd_natural", "dd_grow_p2"]
-    assert list(rep["summary"]) == arms
+    assert rep["workload"] == "corpus" and [a["name"] for a in rep["arms"]] == arms
     assert {(r["arm"], r["seed"]) for r in rep["runs"]} == {(a, s) for a in arms for s in (0, 1)}
     budget = rep["config"]["train"]["budget_tokens"]
     for r in rep["runs"]:
-        assert budget <= r["supervised_tokens"] < budget + 512                  # equal budgets, within one batch
-        assert r["supervised_tokens_per_s"] > 0 and r["train_time_s"] > 0 and r["flops"] > 0
+        assert budget <= r["accounting"]["supervised"] < budget + 512          # equal budgets, within one batch
+        assert r["supervised_per_second"] > 0 and r["train_seconds"] > 0 and r["accounting"]["flops"] > 0
         assert len(r["history"]) == 2 and math.isfinite(r["final_val_loss"])
         assert r["to_target"]["time_s"] is not None                             # auto target: every run reaches it
-        assert [b["lo"] for b in r["loss_by_position"]] == [0, 128, 256, 512]
-        assert r["loss_by_position"][0]["tokens"] > 0
-        assert r["knobs"] == dataclass_knobs(r["arm"])
+        lbp = r["test"]["final"]["loss_by_position"]
+        assert [b["lo"] for b in lbp] == [0, 128, 256, 512] and lbp[0]["tokens"] > 0
+        assert r["knobs"] == parse_arm(r["arm"]).knobs()
     assert rep["edges"] == [0, 128, 256, 512, 1024]
     c = rep["corpus"]                                                           # positions: whole held-out files
     assert c["position_source"] == "whole held-out files" and max(c["position_doc_lens"]) == 1024
-    kinds = [e["scaling"] for e in rep["extrapolation"]]
-    assert kinds == ["none", "linear", "ntk", "yarn"] * 2
-    none = next(e for e in rep["extrapolation"] if e["scaling"] == "none" and e["seed"] == 0)
+    ev = [e for e in rep["extension"] if e["stage"] == "evaluation"]
+    assert [e["scaling"] for e in ev] == ["none", "linear", "ntk", "yarn"] * 2
+    none = next(e for e in ev if e["scaling"] == "none" and e["seed"] == 0)
     dd = next(r for r in rep["runs"] if r["arm"] == "dd_natural" and r["seed"] == 0)
-    assert none["loss_by_position"] == dd["loss_by_position"]                   # scaling none = the arm's own eval
-    lin = next(e for e in rep["extrapolation"] if e["scaling"] == "linear" and e["seed"] == 0)
-    assert lin["loss_by_position"][0]["loss"] != none["loss_by_position"][0]["loss"]
-    assert len(rep["staged"]) == 2
-    for s in rep["staged"]:
-        assert s["context"] == 256 and 0 < s["compute_frac"] < 1 and s["loss_by_position"][0]["loss"] > 0
-    assert {c["arm"] for c in rep["comparisons"]} == set(arms[1:])
-    for c in rep["comparisons"]:
-        assert c["log_tokens_per_s"]["verdict"] in ("holds", "opposite", "inconclusive")
-        assert len(c["tokens_per_s_ratio"]) == 2
+    assert none["test"] == dd["test"]["final"]                                  # scaling none = the arm's own eval
+    lin = next(e for e in ev if e["scaling"] == "linear" and e["seed"] == 0)
+    assert lin["test"]["loss_by_position"][0]["loss"] != none["test"]["loss_by_position"][0]["loss"]
+    ft = [e for e in rep["extension"] if e["stage"] == "fine-tune"]
+    assert len(ft) == 2
+    for s in ft:
+        assert s["seq_len"] == 256 and 0 < s["compute_frac"] < 1 and s["test"]["loss_by_position"][0]["loss"] > 0
+    head = [c for c in rep["comparisons"] if c["group"] == "headline"]
+    assert {c["a"] for c in head} == set(arms[1:]) and all(c["b"] == "concat" for c in head)
+    assert {c["metric"] for c in head} == {"final validation loss", "log supervised tokens/s", "log time to target"}
+    for c in head:
+        assert c["verdict"] in ("holds", "opposite", "inconclusive") and c["diff"]["n"] == 2
+        assert c["diff"]["mde"] > 0                                               # power is stated
     run = rep["run"]                                                            # how it ran (issue 16)
     assert run["processes"]["world_size"] == 1 and run["dtype"] == "float32" and run["device"]["type"] == "cpu"
     md = (out / "report.md").read_text()
-    assert md.startswith("# lengen-train lm report\n\n## How this ran\n")
-    for heading in ("## Claims", "## Arms", "## Loss by position", "## Extrapolation arms", "## Staged recipe"):
+    assert md.startswith("# lengen-train report\n\n## How this ran\n")
+    for heading in ("## Headline comparisons", "MDE (80% power)", "## Arms", "## Loss by position",
+                    "## Context extension"):
         assert heading in md
     assert (out / "loss_vs_position.png").stat().st_size > 0
     assert (out / "val_loss_vs_time.png").stat().st_size > 0
 
 
-def dataclass_knobs(name):
-    return lm.ARM_PRESETS[name].knobs()
-
-
 def test_lm_unreachable_multiple_is_reported_and_skipped(tmp_path, capsys):
     out = tmp_path / "lm"
-    rc = lm.main(["--preset", "lm_tiny", "--out", str(out), "--arms", "concat,dd_natural", "--seeds", "0",
-                  "--multiples", "1,2,1000,2000", "--no-staged", "--scalings", "none"])
-    assert rc == 0
+    assert lm_main(["--preset", "quick", "--out", str(out), "--arms", "concat,dd_natural", "--seeds", "0",
+                    "--multiples", "1,2,1000,2000", "--no-extend"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["edges"] == [0, 128, 256, 128000, 256000]
-    assert len(rep["notes"]) == 2
     assert any("[128000, 256000) is skipped" in n for n in rep["notes"])         # nothing reaches it
     assert any("[256, 128000) is scored only up to" in n for n in rep["notes"])  # partly reached
-    assert rep["runs"][0]["loss_by_position"][-1]["loss"] is None
-    assert rep["runs"][0]["loss_by_position"][-2]["loss"] is not None
+    lbp = rep["runs"][0]["test"]["final"]["loss_by_position"]
+    assert lbp[-1]["loss"] is None and lbp[-2]["loss"] is not None
     assert "skipped" in (out / "report.md").read_text()
 
 
-def test_lm_staged_with_a_tiny_budget_still_fills_batches(tmp_path):
+def test_lm_finetune_with_a_tiny_budget_still_fills_batches(tmp_path):
     """Regression: a fine-tune budget below one batch once left the long-document subset unable to fill one."""
     out = tmp_path / "lm"
-    assert lm.main(["--preset", "lm_tiny", "--out", str(out), "--arms", "dd_natural", "--seeds", "0",
-                    "--staged-frac", "0.01", "--scalings", "none", "--multiples", "1,2"]) == 0
+    assert lm_main(["--preset", "quick", "--out", str(out), "--arms", "dd_natural", "--seeds", "0",
+                    "--finetune-frac", "0.01", "--scalings", "linear", "--multiples", "1,2"]) == 0
     rep = json.loads((out / "report.json").read_text())
-    assert len(rep["staged"]) == 1 and rep["staged"][0]["supervised_tokens"] > 0
-    assert (out / "partial_report.json").exists()
+    ft = [e for e in rep["extension"] if e["stage"] == "fine-tune"]
+    assert len(ft) == 1 and ft[0]["supervised"] > 0
+    assert (out / "seeds" / "seed_0.json").exists()                              # each finished seed is kept
 
 
-def test_lm_cli_hook_and_bad_input(tmp_path, capsys):
-    from lengen_fast.train.cli import main as train_main
-    assert train_main(["lm", "--preset", "lm_tiny", "--context", "100", "--out", str(tmp_path / "x")]) == 2
+def test_lm_cli_and_bad_input(tmp_path, capsys):
+    assert lm_main(["--preset", "quick", "--context", "100", "--out", str(tmp_path / "x")]) == 2
     assert "power of two" in capsys.readouterr().err
-    assert lm.main(["--preset", "lm_tiny", "--arms", "concat:row", "--out", str(tmp_path / "x")]) == 2
-    assert "packing:attention:positions" in capsys.readouterr().err
-    assert lm.main(["--preset", "nope"]) == 2
+    assert lm_main(["--preset", "quick", "--arms", "concat:row", "--out", str(tmp_path / "x")]) == 2
+    assert "is not name:knob=value" in capsys.readouterr().err
+    assert lm_main(["--preset", "nope"]) == 2
     assert "preset 'nope' not found" in capsys.readouterr().err
-    assert lm.main(["--preset", "lm_tiny", "--corpus", str(tmp_path / "missing.arrow"),
+    assert lm_main(["--preset", "long"]) == 2                                    # a tasks preset
+    assert "is a tasks preset" in capsys.readouterr().err
+    assert lm_main(["--preset", "quick", "--arms", "vsl", "--out", str(tmp_path / "x")]) == 2
+    assert "fit=pad pads task documents" in capsys.readouterr().err
+    assert lm_main(["--preset", "quick", "--corpus", str(tmp_path / "missing.arrow"),
                     "--out", str(tmp_path / "y")]) == 2
     assert "missing.arrow" in capsys.readouterr().err
     bad = tmp_path / "bad.json"                                 # a preset file whose section is not an object
-    bad.write_text('{"model": 5}')
-    assert lm.main(["--preset", str(bad), "--out", str(tmp_path / "z")]) == 2
-    assert "bad.json" in (err := capsys.readouterr().err) and "section 'model' must be an object" in err
-    bad.write_text('{"train": {"contxt": 64}}')
-    assert lm.main(["--preset", str(bad), "--out", str(tmp_path / "z")]) == 2
+    bad.write_text('{"workload": "corpus", "model": 5}')
+    assert lm_main(["--preset", str(bad), "--out", str(tmp_path / "z")]) == 2
+    assert "bad.json" in (err := capsys.readouterr().err) and "must be a JSON object mapping sections" in err
+    bad.write_text('{"workload": "corpus", "train": {"contxt": 64}}')
+    assert lm_main(["--preset", str(bad), "--out", str(tmp_path / "z")]) == 2
     assert "unknown config field train.contxt" in capsys.readouterr().err
 
 
@@ -313,8 +329,8 @@ def test_lm_on_a_prepared_corpus(tmp_path):
     assert prepare_main([str(tmp_path / "text"), "--out", str(tmp_path / "tok"), "--train-tokenizer", "320",
                          "--workers", "1", "--no-progress"]) == 0
     out = tmp_path / "lm"
-    assert lm.main(["--preset", "lm_tiny", "--corpus", str(tmp_path / "tok"), "--out", str(out), "--seeds", "0",
-                    "--arms", "concat,dd_natural", "--heldout-frac", "0.1", "--no-staged", "--scalings", "none,yarn",
+    assert lm_main(["--preset", "quick", "--corpus", str(tmp_path / "tok"), "--out", str(out), "--seeds", "0",
+                    "--arms", "concat,dd_natural", "--heldout-frac", "0.1", "--no-finetune", "--scalings", "yarn",
                     "--multiples", "1,2"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["corpus"]["vocab_size"] == 320 and rep["corpus"]["name"] == str(tmp_path / "tok")
@@ -324,9 +340,9 @@ def test_lm_on_a_prepared_corpus(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-machine error")
 def test_device_cuda_fails_clearly_on_cpu(tmp_path, capsys):
-    assert lm.main(["--preset", "lm_tiny", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+    assert lm_main(["--preset", "quick", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
-    assert "--device cuda" in err and "no CUDA device" in err
+    assert "cuda" in err and "is_available() is False" in err
 
 
 @pytest.mark.gpu
@@ -334,15 +350,15 @@ def test_gpu_preset_tiny(tmp_path):
     """The GPU preset's settings (bf16 autocast, fp32 master weights, chunked loss, grad accumulation)
     on a tiny model and budget."""
     out = tmp_path / "lm"
-    rc = lm.main(["--preset", "lm_gpt2", "--out", str(out), "--d-model", "64", "--n-layers", "2", "--n-heads", "2",
+    rc = lm_main(["--preset", "lm_gpt2", "--out", str(out), "--d-model", "64", "--n-layers", "2", "--n-heads", "2",
                   "--context", "512", "--min-len", "32", "--tokens-per-batch", "4096", "--grad-accum", "2",
                   "--budget-tokens", "32768", "--lr", "0.003", "--evals", "2", "--seeds", "0", "--corpus-files", "80",
-                  "--val-tokens", "4096", "--pos-docs", "1", "--staged-frac", "0.2"])
+                  "--val-tokens", "4096", "--pos-docs", "1", "--finetune-frac", "0.2"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["machine"]["device"].startswith("cuda") and rep["machine"]["gpu"]
     for r in rep["runs"]:
         assert r["mfu"] is None or 0 < r["mfu"] < 1
         assert math.isfinite(r["final_val_loss"]) and r["final_val_loss"] < 5.0    # uniform over 257: 5.55
-    m = torch.load(out / "ckpt" / "concat_s0.pt", weights_only=False)["model"]
+    m = torch.load(out / "ckpt" / "concat_s0" / "last.pt", weights_only=False)["model"]
     assert all(v.dtype == torch.float32 for v in m.values() if v.is_floating_point())  # fp32 master weights

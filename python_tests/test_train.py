@@ -10,15 +10,16 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from lengen_fast.reference import positions_from_cu_seqlens
-from lengen_fast.train import cli, experiment
-from lengen_fast.train.config import (ARM_PRESETS, ArmConfig, RunConfig, TaskConfig, apply_overrides, eval_lengths,
-                                      load_preset, parse_arm)
+from lengen_fast.train import cli
+from lengen_fast.train.arms import ARM_PRESETS, ArmConfig, ablation_arms, parse_arm
+from lengen_fast.train.config import RunConfig, TaskConfig, apply_overrides, eval_lengths, load_preset
 from lengen_fast.train.evaluate import (EarlyStopper, critical_length, distance_buckets, exact_match,
-                                        generalization_gap, greedy_decode, loss_by_boundary_distance, mean_ci, paired,
-                                        score, verdict)
+                                        generalization_gap, greedy_decode, loss_by_boundary_distance, score)
 from lengen_fast.train.model import Transformer
 from lengen_fast.train.plan import make_plan
-from lengen_fast.train.trainer import Trainer, make_loader, model_inputs
+from lengen_fast.train.stats import interval, paired, verdict
+from lengen_fast.train.trainer import Budget, Run, make_loader, model_inputs
+from lengen_fast.train.workload import TaskWorkload, open_table
 from lengen_fast.train import tasks as T
 
 
@@ -201,7 +202,7 @@ def tiny_cfg(tmp_path, **train) -> RunConfig:
     m.d_model, m.n_layers, m.n_heads, m.max_positions = 16, 1, 2, 128
     t.tasks, t.train_min_len, t.train_max_len, t.eval_multiples = ["passkey", "majority"], 2, 6, [1.0, 2.0]
     t.eval_examples = 12
-    tr.steps, tr.eval_every, tr.tokens_per_batch, tr.warmup, tr.seeds = 8, 4, 256, 2, [0, 1]
+    tr.steps, tr.evals, tr.tokens_per_batch, tr.warmup_frac, tr.seeds = 8, 2, 256, 0.25, [0, 1]
     tr.arms = ["pack_naive", "pack_masked"]
     cfg.extension.extend = False
     cfg.progress = False
@@ -211,21 +212,21 @@ def tiny_cfg(tmp_path, **train) -> RunConfig:
     return cfg
 
 
-def quiet_plan(cfg, command="run"):
+def quiet_plan(cfg, mode="run"):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return make_plan(cfg, command)
+        return make_plan(cfg, "test", mode)
 
 
 def tiny_table(cfg, seed=0, fit="none"):
     plan = quiet_plan(cfg)
-    tc = replace(cfg.task, train_examples=plan.train_examples)
+    tc = replace(cfg.task, train_examples=plan.derived["train_examples"])
     return plan, T.train_table(tc, seed, pad_pow2=fit == "pad")
 
 
 def first_batch(table, arm, plan, seed=0):
-    loader = make_loader(table, arm, plan.seq_len, plan.cfg.train.tokens_per_batch, seed)
+    loader = make_loader(open_table(table), arm, plan.seq_len, plan.cfg.train.tokens_per_batch, seed)
     return loader, next(iter(loader))
 
 
@@ -318,7 +319,7 @@ def test_arm_specs_and_presets():
 
 
 def test_ablation_arms_change_one_knob_each():
-    arms = experiment.ablation_arms(ARM_PRESETS["vsl"])
+    arms = ablation_arms(ARM_PRESETS["vsl"])
     base = arms[0][1]
     assert arms[0][0] == "base" and base == ARM_PRESETS["vsl"]
     for factor, arm, note in arms[1:]:
@@ -331,35 +332,53 @@ def test_ablation_arms_change_one_knob_each():
 
 
 # ----------------------------------------------------------------------------------------- budgets
+def make_run(plan, run_dir, arm="pack_masked", seed=0, budget=None):
+    W = TaskWorkload(plan)
+    a = plan.arm(arm)
+    return Run(plan, a, seed, W.source(seed, a), run_dir, budget=budget or plan.budget, seq_len=plan.seq_len,
+               lr=plan.cfg.train.lr, validate=W.validator(seed))
+
+
 def test_arms_spend_equal_supervised_tokens_within_one_batch(tmp_path):
     cfg = tiny_cfg(tmp_path, arms=["concat_chunk", "pack_masked", "vsl"], seeds=[0])
     plan = quiet_plan(cfg)
-    tc = replace(cfg.task, train_examples=plan.train_examples)
-    docs = T.train_documents(tc, 0)
-    evals = experiment.build_evals(plan, 0, None)
+    budget = plan.budget.amount
     spent, steps = {}, {}
-    for ap in plan.arms:
-        table = T.train_table(tc, 0, pad_pow2=ap.arm.fit == "pad", docs=docs)
-        t = Trainer(plan, ap.arm, 0, table, evals, tmp_path / ap.arm.name, max_steps=plan.max_steps,
-                    schedule_steps=ap.schedule_steps, budget=("supervised", plan.budget)).fit(progress=False)
+    for arm in plan.arms:
+        t = make_run(plan, tmp_path / arm.name, arm.name)
+        t.train_until(budget)
         acct = t.accounting()
-        assert acct["budget_met"] and acct["supervised"] >= plan.budget
+        assert acct["budget_met"] and acct["supervised"] >= budget
         assert acct["slots"] == t.step * cfg.train.tokens_per_batch
         tail = acct["slots"] - acct["tokens"]                      # empty slots after the last piece of a batch
-        if ap.arm.fit == "pad":                                      # + the PAD tokens inside padded documents
+        if arm.fit == "pad":                                         # + the PAD tokens inside padded documents
             assert acct["padding"] > tail
         else:
             assert acct["padding"] == tail
-        spent[ap.arm.name], steps[ap.arm.name] = acct, t.step
+        spent[arm.name], steps[arm.name] = acct, t.step
     # every arm stopped at the first step that reached the budget: less than one batch of supervised tokens over
     per_batch = max(a["supervised"] / a["steps"] for a in spent.values())
     for a in spent.values():
-        assert a["supervised"] - plan.budget < 2 * per_batch
+        assert a["supervised"] - budget < 2 * per_batch
     assert max(a["supervised"] for a in spent.values()) - min(a["supervised"] for a in spent.values()) < 2 * per_batch
     # the padded arm pays for its padding with more steps; concat cuts documents, the others do not
     assert spent["vsl"]["padding"] > spent["pack_masked"]["padding"] - 1 and steps["vsl"] >= steps["pack_masked"]
     assert spent["concat_chunk"]["pieces_cut"] > 0 and spent["pack_masked"]["pieces_cut"] == 0
     assert spent["vsl"]["pieces_cut"] == 0 and spent["concat_chunk"]["documents_cut"] > 0
+
+
+def test_lr_follows_the_budget_not_the_step(tmp_path):
+    """Warmup then cosine by the fraction of the budget spent: arms that need different step counts follow the
+    same schedule per supervised token."""
+    plan = quiet_plan(tiny_cfg(tmp_path))
+    t = make_run(plan, tmp_path / "lr")
+    tr = plan.cfg.train
+    t.acct["supervised"] = int(plan.budget.amount * tr.warmup_frac / 2)
+    assert t.lr_at() == pytest.approx(tr.lr / 2, rel=1e-2)          # (the token count is rounded)
+    t.acct["supervised"] = int(plan.budget.amount * tr.warmup_frac)
+    assert t.lr_at() == pytest.approx(tr.lr, rel=1e-2)
+    t.acct["supervised"] = int(plan.budget.amount)
+    assert t.lr_at() == pytest.approx(tr.lr * tr.min_lr_frac)
 
 
 # ---------------------------------------------------------------------------------- early stopping
@@ -407,10 +426,10 @@ def test_score_noise_sd_follows_the_validation_size():
 
 # ------------------------------------------------------------------------------------- statistics
 def test_interval_and_verdict_on_fixed_inputs():
-    ci = mean_ci([1.0, 2.0, 3.0])
+    ci = interval([1.0, 2.0, 3.0])
     assert ci["mean"] == 2.0 and ci["n"] == 3
     assert ci["hi"] - 2.0 == pytest.approx(4.303 * 1.0 / math.sqrt(3))         # t(0.975, 2) * s / sqrt(n)
-    one = mean_ci([0.7])
+    one = interval([0.7])
     assert one["mean"] == 0.7 and math.isnan(one["lo"]) and verdict(one) == "inconclusive"
     d = paired([0.9, 0.8, 0.95], [0.3, 0.35, 0.2])                           # clearly above zero
     assert d["lo"] > 0 and verdict(d) == "holds"
@@ -438,27 +457,27 @@ def test_boundary_loss_layout_follows_the_arm():
 
 
 # ------------------------------------------------------------------------------------ exact resume
-def make_trainer(plan, run_dir, arm="pack_masked", seed=0):
-    tc = replace(plan.cfg.task, train_examples=plan.train_examples)
-    ap = plan.arm(arm)
-    evals = experiment.build_evals(plan, seed, None)
-    return Trainer(plan, ap.arm, seed, T.train_table(tc, seed, pad_pow2=ap.arm.fit == "pad"), evals, run_dir,
-                   max_steps=6, schedule_steps=6, budget=None)
-
-
 @pytest.mark.parametrize("arm", ["pack_masked", "vsl"])
 def test_resume_reproduces_the_uninterrupted_loss_curve(tmp_path, arm):
-    cfg = tiny_cfg(tmp_path, eval_every=3, pos_offset_max=8, arms=[arm])
+    cfg = tiny_cfg(tmp_path, pos_offset_max=8, arms=[arm])
     cfg.model.dropout = 0.1
     plan = quiet_plan(cfg)
-    full = make_trainer(plan, tmp_path / "a", arm).fit(progress=False)
-    part = make_trainer(plan, tmp_path / "b", arm).fit(progress=False, until=3)
+    budget = Budget("steps", 6, 6)
+
+    def go(run, upto):
+        for goal in (3, 6):
+            if goal <= upto and run.step < goal:
+                run.train_until(goal)
+                run.evaluate()
+        return run
+    full = go(make_run(plan, tmp_path / "a", arm, budget=budget), 6)
+    part = go(make_run(plan, tmp_path / "b", arm, budget=budget), 3)
     assert part.step == 3
-    resumed = make_trainer(plan, tmp_path / "c", arm)
+    resumed = make_run(plan, tmp_path / "c", arm, budget=budget)
     resumed.load(tmp_path / "b" / "last.pt")
-    resumed.fit(progress=False)
-    assert len(full.losses) == 6 and resumed.losses == full.losses  # bit-exact on CPU
-    assert resumed.acct == full.acct
+    go(resumed, 6)
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]  # bit-exact on CPU
+    assert len(full.history) == 2 and resumed.acct == full.acct
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -477,7 +496,7 @@ def bad(tmp_path, **kw):
     ({"train__arms": ["pack"]}, "unknown arm 'pack'"),
     ({"train__arms": ["x:packing=bfd,curriculum=grow_p2"]}, "cannot run with packing=bfd"),
     ({"train__arms": ["vsl", "vsl"]}, "must be unique"),
-    ({"train__budget_tokens": 10**9}, r"arm 'pack_naive' cannot reach the budget"),
+    ({"train__max_steps_factor": 1.0, "train__arms": ["vsl"]}, r"arm 'vsl' cannot reach the budget"),
     ({"train__tokens_per_batch": 8}, "tokens_per_batch=8 is smaller than the row length"),
     ({"model__pos_encoding": "alibi"}, r"model.pos_encoding must be one of"),
     ({"extension__extend": True, "extension__scalings": ["longrope2"]}, r"extension.scalings must be one of"),
@@ -485,6 +504,9 @@ def bad(tmp_path, **kw):
     ({"model__pos_encoding": "learned", "model__max_positions": 16}, "max_positions=16 is too small"),
     ({"train__seq_len": 8}, "seq_len=8 is shorter than the longest training document"),
     ({"train__seq_len": 24, "train__arms": ["vsl"]}, "seq_len=24 must be a power of two"),
+    ({"train__baseline": "vsl"}, "train.baseline='vsl' is not an arm"),
+    ({"train__seeds_auto": True}, "needs a target --mde > 0"),
+    ({"train__workers": 2, "dist__nproc": 2}, "parallel seed workers and data parallelism"),
     ({"task__tasks": ["parity"], "task__train_max_len": 2, "task__eval_multiples": [1.0, 2.0]},
      "has no (val|test) prompts at n=2"),
     ({"extension__extend": True, "extension__ext_arm": "fancy"}, "ext_arm='fancy' is neither"),
@@ -501,7 +523,9 @@ def test_bad_config_raises_before_training(tmp_path, kw, match):
     ("--d-model", "33", "model.d_model=33 must be divisible by model.n_heads"),
     ("--d-model", "30", "must be even (RoPE rotates pairs)"),
     ("--n-layers", "0", "model.n_layers"), ("--rope-base", "1", "model.rope_base"),
-    ("--steps", "0", "train.steps"), ("--eval-every", "0", "train.eval_every"),
+    ("--steps", "0", "train.steps"), ("--evals", "0", "train.evals"), ("--mde", "-1", "train.mde"),
+    ("--workers", "-1", "train.workers"), ("--warmup-frac", "1", "train.warmup_frac"),
+    ("--model", "gpt9", "model.arch"),
     ("--grad-clip", "inf", "train.grad_clip"), ("--early-stop-drop", "1.5", "train.early_stop_drop"),
     ("--early-stop-z", "-1", "train.early_stop_z"), ("--min-lr-frac", "2", "train.min_lr_frac"),
     ("--target-acc", "1.5", "train.target_acc"), ("--max-steps-factor", "0.5", "train.max_steps_factor"),
@@ -546,28 +570,36 @@ def test_short_eval_lengths_warn_and_missing_output_parent(tmp_path, capsys):
     assert "warning: eval_multiples [0.5] are below 1" in err and "does not exist" in err
 
 
-def test_resume_needs_a_readable_checkpoint(tmp_path):
-    cfg = tiny_cfg(tmp_path)
-    cfg.resume = True
-    with pytest.raises(ValueError, match="no checkpoint to resume from"):
-        quiet_plan(cfg)
-    plan = quiet_plan(tiny_cfg(tmp_path))
-    run_dir = tmp_path / "run" / "ckpt" / "pack_masked_s0"
-    make_trainer(plan, run_dir).fit(progress=False)                  # writes last.pt, best_id.pt, best_ood.pt
-    quiet_plan(cfg)                                                   # a good checkpoint resumes
-    other = tiny_cfg(tmp_path)
-    other.model.d_model, other.resume = 32, True
-    with pytest.raises(ValueError, match=r"cannot resume .* model config differs .*d_model"):
-        quiet_plan(other)
-    (run_dir / "last.pt").write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*last.pt.*best_id.pt exists"):
-        quiet_plan(cfg)
+def test_resume_needs_the_run_and_the_same_config(tmp_path, capsys):
+    out = tmp_path / "r"
+    argv = ["--preset", "quick", "--out", str(out), "--no-progress", "--seeds", "0", "--tasks", "passkey",
+            "--no-extend", "--arms", "pack_masked", "--workers", "1"]
+    assert cli.main(argv + ["--resume"]) == 2
+    assert "config.json' does not exist, so there is no run to resume" in capsys.readouterr().err
+    assert cli.main(argv) == 0
+    first = json.loads((out / "report.json").read_text())
+    assert cli.main(argv + ["--resume"]) == 0                        # a finished seed is read back, not re-run
+    assert "seed 0: finished earlier" in capsys.readouterr().out
+    again = json.loads((out / "report.json").read_text())
+    assert again["runs"][0]["history"] == first["runs"][0]["history"]
+    # a changed result-affecting field is refused, naming it and both values; progress is free to change
+    assert cli.main(argv + ["--resume", "--d-model", "64", "--lr", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "model.d_model: 32 (run) != 64 (now)" in err and "train.lr: 0.003 (run) != 0.001 (now)" in err
+    assert cli.main(argv + ["--resume", "--progress"]) == 0
+    (out / "seeds" / "seed_0.json").unlink()                        # not finished: continue from the checkpoint
+    (out / "ckpt" / "pack_masked_s0" / "last.pt").write_bytes(b"\x00garbage")
+    assert cli.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read checkpoint" in err and "last.pt" in err and "best_id.pt exists" in err
 
 
-@pytest.mark.parametrize("preset", ["quick", "default", "long"])
-def test_presets_validate(preset, tmp_path):
+@pytest.mark.parametrize("preset,workload", [("quick", "tasks"), ("default", "tasks"), ("long", "tasks"),
+                                             ("quick", "corpus")])
+def test_presets_validate(preset, workload, tmp_path):
     cfg = RunConfig()
-    apply_overrides(cfg, load_preset(preset))
+    apply_overrides(cfg, load_preset(preset, workload))
+    assert cfg.workload == workload
     cfg.out = str(tmp_path / "p")
     quiet_plan(cfg)
 
@@ -578,7 +610,8 @@ def test_flags_map_onto_the_dataclasses():
                                      "--arm", "mine:packing=bfd,attention=row,positions=document"])
     assert cmd == "compare" and cfg.task.tasks == ["parity"] and cfg.model.d_model == 48
     assert cfg.model.tie_embeddings is False and cfg.train.seeds == [0, 1, 2] and cfg.task.eval_multiples == [1.0, 3.0]
-    assert cfg.train.arms == list(ARM_PRESETS) + ["mine:packing=bfd,attention=row,positions=document"]
+    assert cfg.train.arms == ["concat_chunk", "pack_naive", "pack_masked", "vsl",
+                              "mine:packing=bfd,attention=row,positions=document"]
     assert cfg.train.steps == load_preset("quick")["train"]["steps"]
     cmd, cfg = cli.config_from_args(["ablate", "--base", "pack_masked"])
     assert cmd == "ablate" and cfg.train.arms[0] == "pack_masked" and len(cfg.train.arms) == 6
@@ -591,8 +624,8 @@ def test_ablate_end_to_end(tmp_path, capsys):
     out = tmp_path / "ab"
     argv = ["ablate", "--base", "pack_masked", "--out", str(out), "--no-progress", "--d-model", "16", "--n-layers", "1",
             "--n-heads", "2", "--tasks", "passkey,text", "--train-max-len", "6", "--eval-multiples", "1,2",
-            "--eval-examples", "8", "--text-docs", "40", "--steps", "6", "--eval-every", "3",
-            "--tokens-per-batch", "256", "--warmup", "1", "--seeds", "0,1", "--no-extend"]
+            "--eval-examples", "8", "--text-docs", "40", "--steps", "6", "--evals", "2",
+            "--tokens-per-batch", "256", "--warmup-frac", "0.2", "--seeds", "0,1", "--no-extend"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| factor | change |" in printed
@@ -617,8 +650,9 @@ def test_ablate_end_to_end(tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert md.startswith("# lengen-train report\n\n## How this ran\n")
     assert "- processes: 1 process\n" in md and "- dtype: float32\n" in md
-    assert "| pack_masked-attention-row | passkey | 12 (2×) |" in md     # the per-cell ablation table
+    assert "| pack_masked-attention-row vs pack_masked | final | passkey exact match at n=12 (2×) |" in md  # cells
     for section in ("Arms: the knobs", "Budgets", "Ablation: one factor at a time", "final checkpoint",
+                    "Headline comparisons", "MDE (80% power)",
                     "best in-distribution validation checkpoint", "Best-OOD selection", "FLOPs to target",
                     "seeds that reached it", "distance from the document start"):
         assert section in md
@@ -634,8 +668,8 @@ def test_progress_in_a_log_is_a_few_lines_per_run_not_one_per_step(tmp_path, cap
     out = tmp_path / "p"
     argv = ["--out", str(out), "--arms", "pack_masked,vsl", "--seeds", "0", "--no-extend", "--tasks", "copy_unique",
             "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--train-max-len", "6", "--eval-multiples", "1,2",
-            "--eval-examples", "8", "--steps", "24", "--eval-every", "8", "--tokens-per-batch", "128",
-            "--warmup", "1", "--threads", "1"]
+            "--eval-examples", "8", "--steps", "24", "--evals", "3", "--tokens-per-batch", "128",
+            "--warmup-frac", "0.05", "--threads", "1"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
@@ -645,9 +679,9 @@ def test_progress_in_a_log_is_a_few_lines_per_run_not_one_per_step(tmp_path, cap
         evals = len(r["history"])
         assert len(mine) == 2 + evals, mine                     # start, the evaluations, done: not one per step
         assert evals >= 2 and r["steps"] >= 3 * len(mine)
-        assert mine[0].startswith(f"[{r['arm']} seed 0] start at step 0 of ")
+        assert mine[0].startswith(f"[{r['arm']} seed 0] start at 0 tok of ")   # progress in budget units
         assert sum(": eval loss=" in line for line in mine) == evals
-        assert mine[-1].startswith(f"[{r['arm']} seed 0] done: step {r['steps']}")
+        assert mine[-1].startswith(f"[{r['arm']} seed 0] done: ")
     assert "\r" not in err                                      # no tqdm redraws in a log
 
 
@@ -655,9 +689,9 @@ def test_text_from_the_embedded_corpus(tmp_path):
     cfg = TaskConfig(tasks=["text"], train_max_len=8)
     text = T.load_text(cfg)
     base = T.text_base(cfg)
-    assert text.vocab == 256 and text.train and text.heldout
+    assert text.vocab == 257 and text.train and text.heldout          # bytes and the end-of-document token
     train_ids = {d.tobytes() for d in text.train}
-    assert not any(d.tobytes() in train_ids for d in text.heldout)  # held out by document
+    assert not any(d.tobytes() in train_ids for d in text.heldout)  # held out by file (corpus.heldout_mask)
     L = T.text_train_len(cfg)
     pieces = T.text_pieces(text.train, (5, L), 50, seed=0)
     assert len(pieces) == 50 and all(5 <= len(p) <= L and p.min() >= base for p in pieces)

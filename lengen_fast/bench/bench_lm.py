@@ -1,12 +1,13 @@
-"""LM training-step throughput per arm (lengen-train lm's knobs), interleaved step by step in one run.
+"""LM training-step throughput per arm (the corpus workload's knobs), interleaved step by step in one run.
 
-One optimizer step (forward, chunked loss, backward, AdamW) per arm in turn, on real batches of the
-embedded corpus at context L, so machine-load swings hit every arm alike; medians per arm of wall
-time and of the main thread's CPU seconds (one torch thread, so that is the compute; it is what a
-shared 2-core machine leaves least noisy). Rows go to bench/results.csv (op "lm_step"), with
+Each arm is a real engine Run (lengen_fast.train.trainer.Run) on seed 0's training subset of the embedded corpus,
+and one timed step is ``Run.train_step()``: the step lengen-train runs (forward, chunked loss, backward, AdamW,
+accounting), nothing re-implemented here. Arms take turns step by step, so machine-load swings hit every arm
+alike; medians per arm of wall time and of the main thread's CPU seconds (one torch thread, so that is the
+compute; it is what a shared 2-core machine leaves least noisy). Rows go to bench/results.csv (op "lm_step"), with
 supervised tokens/s in the throughput column and the CPU-second figures in the note.
 
-    python -m lengen_fast.bench.bench_lm --out bench      # CPU default model, L=2048, 6 steps per arm
+    python -m lengen_fast.bench.bench_lm --out bench      # the lm_cpu preset's model, L=2048, 6 steps per arm
     python -m lengen_fast.bench.bench_lm --steps 3 --context 1024
 """
 from __future__ import annotations
@@ -14,15 +15,32 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
+import warnings
 
-import numpy as np
 import torch
 
 from lengen_fast.bench.common import Timing, add_common_args, apply_common_args, print_table, record
-from lengen_fast.train import lm
-from lengen_fast.train.distributed import context
-from lengen_fast.train.model import Transformer
+
+
+def make_runs(preset: str, context: int, arms: list[str], out: str):
+    """(plan, [Run]) for ``arms`` of the corpus workload under ``preset`` (lengen-train lm's)."""
+    from lengen_fast.train.cli import config_from_args
+    from lengen_fast.train.engine import workload
+    from lengen_fast.train.plan import make_plan
+    from lengen_fast.train.trainer import Run
+    argv = ["lm", "--preset", preset, "--arms", ",".join(arms), "--seeds", "0", "--no-extend", "--out", out,
+            "--no-progress"] + (["--context", str(context)] if context else [])
+    _, cfg = config_from_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # one seed: no interval (nothing is compared here)
+        plan = make_plan(cfg, "bench_lm", "run")
+    W = workload(plan)
+    runs = [Run(plan, arm, 0, W.source(0, arm), os.path.join(out, arm.name), budget=plan.budget,
+                seq_len=plan.seq_len, lr=cfg.train.lr, validate=W.validator(0),
+                cycles=cfg.corpus.subset_factor) for arm in plan.arms]
+    return plan, runs
 
 
 def main(argv=None) -> int:
@@ -40,67 +58,53 @@ def main(argv=None) -> int:
         if a.preset == "lm_cpu":
             a.preset = "lm_tiny"
     torch.set_num_threads(a.threads)
-    cfg = lm.LMConfig()
-    lm.apply_overrides(cfg, lm.load_preset(a.preset))
-    tr = cfg.train
-    L = a.context or tr.context
-    corpus = lm.load_corpus(cfg.data)
-    sub = lm.training_subset(corpus.train, tr.budget_tokens * tr.subset_factor, 0)
-    arms = [lm.parse_arm(x) for x in a.arms.split(",")]
-    state = []
-    for arm in arms:
-        torch.manual_seed(0)
-        model = Transformer(cfg.model, corpus.vocab_size)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        loader = lm.make_loader(sub, arm, tr, L, tr.tokens_per_batch, 0, context(), False)
-        state.append({"arm": arm, "model": model, "opt": opt, "it": iter(loader), "wall": [], "cpu": [], "sup": []})
+    with tempfile.TemporaryDirectory() as tmp:
+        plan, runs = make_runs(a.preset, a.context, a.arms.split(","), tmp)
+        stats = {r.label: {"wall": [], "cpu": [], "sup": []} for r in runs}
 
-    def step(s):
-        b = next(s["it"])
-        tok, cu, ms, pos, lab = lm.arm_inputs(b, s["arm"])
-        t0, c0 = time.perf_counter(), time.thread_time()
-        loss = s["model"](tok, cu, ms, pos, labels=lab, loss_chunk=tr.loss_chunk)
-        (loss / max(1, int((lab != -100).sum()))).backward()
-        s["opt"].step()
-        s["opt"].zero_grad(set_to_none=True)
-        return time.perf_counter() - t0, time.thread_time() - c0, int((lab != -100).sum())
+        def step(r):
+            before = r.acct["supervised"]
+            t0, c0 = time.perf_counter(), time.thread_time()
+            r.train_step()
+            return time.perf_counter() - t0, time.thread_time() - c0, r.acct["supervised"] - before
 
-    for s in state:  # warm-up
-        step(s)
-    load0 = os.getloadavg()[0]
-    for _ in range(a.steps):
-        for s in state:
-            w, c, n = step(s)
-            s["wall"].append(w)
-            s["cpu"].append(c)
-            s["sup"].append(n)
-    load1 = os.getloadavg()[0]
+        for r in runs:  # warm-up
+            step(r)
+        load0 = os.getloadavg()[0]
+        for _ in range(a.steps):
+            for r in runs:
+                w, c, n = step(r)
+                for k, v in zip(("wall", "cpu", "sup"), (w, c, n)):
+                    stats[r.label][k].append(v)
+        load1 = os.getloadavg()[0]
+    m, tr = plan.cfg.model, plan.cfg.train
+    config = {"L": plan.seq_len, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+              "tokens_per_batch": tr.tokens_per_batch, "corpus": plan.derived["corpus"], "threads": a.threads,
+              "steps": a.steps, "preset": a.preset}
     rows = []
-    config = {"L": L, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads,
-              "tokens_per_batch": tr.tokens_per_batch, "corpus": corpus.name, "threads": a.threads,
-              "steps": a.steps}
-    for s in state:
+    for r in runs:
+        s = stats[r.label]
         wall_ms = [x * 1e3 for x in s["wall"]]
         q = statistics.quantiles(wall_ms, n=10) if len(wall_ms) >= 2 else [wall_ms[0]] * 9
         t = Timing(statistics.median(wall_ms), q[1], q[7], wall_ms)
-        sup = float(np.mean(s["sup"]))
+        sup = statistics.mean(s["sup"])
         cpu_med = statistics.median(s["cpu"])
         note = (f"cpu_s_median={cpu_med:.2f} sup_tok_per_cpu_s={sup / cpu_med:.1f} load1={load0:.1f}->{load1:.1f} "
-                f"knobs={s['arm'].knobs()}")
-        row = {"provider": s["arm"].name, "median_ms": f"{t.median_ms:.1f}", "p20_ms": f"{t.p20_ms:.1f}",
-               "p80_ms": f"{t.p80_ms:.1f}", "throughput": f"{sup / (t.median_ms / 1e3):.1f}",
-               "unit": "sup tok/s", "cpu": cpu_med, "sup": sup}
+                f"knobs={r.arm.knobs()}")
+        rows.append({"provider": r.label, "median_ms": f"{t.median_ms:.1f}", "p20_ms": f"{t.p20_ms:.1f}",
+                     "p80_ms": f"{t.p80_ms:.1f}", "throughput": f"{sup / (t.median_ms / 1e3):.1f}",
+                     "unit": "sup tok/s", "cpu": cpu_med, "sup": sup})
         if not a.no_record:
-            record("lm_step", config, s["arm"].name, t, throughput=sup / (t.median_ms / 1e3), unit="sup tok/s",
-                   note=note)
-        rows.append(row)
-    print(f"L={L}, {a.steps} steps per arm interleaved, load {load0:.1f} -> {load1:.1f}")
-    print_table(rows, baseline="concat" if any(r["provider"] == "concat" for r in rows) else None)
-    base = next((r for r in rows if r["provider"] == "concat"), None)
-    if base:
+            record("lm_step", config, r.label, t, throughput=sup / (t.median_ms / 1e3), unit="sup tok/s", note=note)
+    print(f"L={plan.seq_len}, {a.steps} steps per arm interleaved (engine Run.train_step), load {load0:.1f} -> "
+          f"{load1:.1f}")
+    base = "concat" if any(r["provider"] == "concat" for r in rows) else None
+    print_table(rows, baseline=base)
+    b = next((r for r in rows if r["provider"] == base), None)
+    if b:
         for r in rows:
             print(f"{r['provider']:<20} supervised tok per CPU-s {r['sup'] / r['cpu']:8.1f}   ratio to concat "
-                  f"{(r['sup'] / r['cpu']) / (base['sup'] / base['cpu']):.2f}x")
+                  f"{(r['sup'] / r['cpu']) / (b['sup'] / b['cpu']):.2f}x")
     return 0
 
 

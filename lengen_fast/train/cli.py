@@ -1,16 +1,19 @@
 """lengen-train: which command line maps onto which config? Argument parsing only: the command line ->
-RunConfig (config.py) -> Plan (plan.py, validated once) -> experiment.run -> report.
+RunConfig (config.py) -> Plan (plan.py, validated once) -> engine.run -> report.
 
-    lengen-train                              the default comparison: 4 arms x 3 seeds (<= 10 min, 2-core CPU)
+    lengen-train                              the default comparison on the tasks workload (see the README)
     lengen-train --preset quick               a < 1 min smoke run
-    lengen-train compare --task parity        the four preset arms side by side on one task
+    lengen-train compare --task parity        the four task preset arms side by side on one task
     lengen-train ablate --base vsl            one factor at a time around an arm, one table of effects
-    lengen-train --arms vsl --arm 'mine:packing=bfd,attention=document,positions=row'
+    lengen-train lm                           the corpus workload (language modelling) with its default preset
+    lengen-train lm --preset quick            its smoke run
+    lengen-train replicate runs               re-run a finished experiment with disjoint seeds; compare verdicts
+    lengen-train --seeds auto --mde 0.1       add seeds until every headline MDE is <= 0.1
 
 Every config field is a flag (``--d-model 128``, ``--no-tie-embeddings``, ``--tasks a,b``). An arm is a preset
-(concat_chunk, pack_naive, pack_masked, vsl) or ``name:knob=value,...`` with knobs packing (concat | bfd |
-decompose), attention (row | document), positions (row | document), curriculum, cycles, fit (none | pad)
-and ``base=<preset>`` for the knobs not given.
+(concat_chunk, pack_naive, pack_masked, vsl, concat_docmask, dd_natural, dd_grow_p2; aliases concat, bfd_docmask)
+or ``name:knob=value,...`` with knobs packing (concat | bfd | decompose), attention (row | document), positions
+(row | document), curriculum, cycles, fit (none | pad) and ``base=<preset>`` for the knobs not given.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import warnings
 from pathlib import Path
 
 from . import distributed
-from .config import ARM_PRESETS, SECTIONS, RunConfig, apply_overrides, load_preset
+from .arms import ablation_specs
+from .config import SECTIONS, TOP_LEVEL, RunConfig, apply_overrides, load_preset
 from .tasks import TASKS
 
 
@@ -33,19 +37,19 @@ def _compare(cfg: RunConfig, args) -> None:
         raise ValueError(f"--task: unknown task {task!r}; choose from {TASKS}")
     cfg.task.tasks = [task]
     if not args.arms_given:
-        cfg.train.arms = list(ARM_PRESETS)
+        cfg.train.arms = ["concat_chunk", "pack_naive", "pack_masked", "vsl"]
 
 
 def _ablate(cfg: RunConfig, args) -> None:
-    from .experiment import ablation_specs
     cfg.train.arms = ablation_specs(args.base)
 
 
-# name -> (help, hook that adjusts the config); another mode adds itself here (COMMANDS["lm"] = ...)
-COMMANDS: dict[str, tuple[str, typing.Callable]] = {
-    "run": ("train and compare the arms (the default)", lambda cfg, args: None),
-    "compare": ("the four preset arms on one task (--task)", _compare),
-    "ablate": ("one-factor-at-a-time arms around --base, one table of effects", _ablate),
+# name -> (workload, help, hook that adjusts the config)
+COMMANDS: dict[str, tuple[str, str, typing.Callable]] = {
+    "run": ("tasks", "train and compare the arms (the default)", lambda cfg, args: None),
+    "compare": ("tasks", "the four task preset arms on one task (--task)", _compare),
+    "ablate": ("tasks", "one-factor-at-a-time arms around --base, one table of effects", _ablate),
+    "lm": ("corpus", "the corpus workload: language modelling on a text corpus", lambda cfg, args: None),
 }
 
 
@@ -54,40 +58,65 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _list_parser(elem):
+def _list_parser(elem, allow_auto: bool = False):
     def parse(s: str):
+        if allow_auto and s.strip() == "auto":
+            return "auto"
         try:
             return [elem(x) for x in s.split(",") if x.strip()]
         except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {elem.__name__}: {s!r}") from e
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {elem.__name__}"
+                                             f"{' or auto' if allow_auto else ''}: {s!r}") from e
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lengen-train", description=__doc__,
+def _help(f) -> str:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    return f"{f.metadata.get('help', '')} (default: {shown!r})".replace("%", "%%")
+
+
+def build_parser(cmd: str = "run") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lengen-train" + ("" if cmd == "run" else f" {cmd}"), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=None, help="a preset name (quick, default, long) or a .json path")
-    ap.add_argument("--out", default=None, help="output directory (its parent must exist)")
-    ap.add_argument("--resume", action="store_true", default=None,
-                    help="resume every run found under --out from its last checkpoint (an error if there is none)")
-    ap.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    ap.add_argument("--task", default=None, help="compare: the one task to run")
-    ap.add_argument("--base", default="vsl", help="ablate: the base arm (a preset or a name:knob=v,... spec)")
+    ap.add_argument("--preset", default=None, help="a preset of this workload (tasks: quick, default, long; lm: "
+                    "quick, default = lm_cpu, lm_gpt2) or a .json path (default: 'default')")
+    ap.add_argument("--task", default=None, help="compare: the one task to run (default: the first of --tasks)")
+    ap.add_argument("--base", default="vsl", help="ablate: the base arm, a preset or a name:knob=v,... spec "
+                    "(default: 'vsl')")
     ap.add_argument("--arm", dest="extra_arms", action="append", default=None, metavar="NAME:KNOB=V,...",
-                    help="add an arm (repeatable); see the knobs above")
+                    help="add an arm (repeatable) to those of --arms (default: none)")
+    ap.add_argument("--model", dest="model.arch", default=None, metavar="lengen|hf:PATH",
+                    help="the model to train: lengen (ours) or hf:PATH, a Hugging Face config.json or checkpoint "
+                    "directory (default: 'lengen')")
+    ap.add_argument("--context", dest="train.seq_len", type=int, default=None,
+                    help="the same as --seq-len: the context L (default: the preset's)")
+    top = ap.add_argument_group("run")
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for name, tp in TOP_LEVEL.items():
+        if name == "workload":
+            continue
+        if tp is bool:
+            top.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None,
+                             help=_help(fields[name]))
+        else:
+            top.add_argument(_flag(name), dest=name, default=None, help=_help(fields[name]))
     for sec, cls in SECTIONS.items():
         g = ap.add_argument_group(sec)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            tp = hints[f.name]
-            dest = f"{sec}.{f.name}"
+            tp, dest = hints[f.name], f"{sec}.{f.name}"
+            if dest == "model.arch":
+                continue   # --model
             if tp is bool:
-                g.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None)
+                g.add_argument(_flag(f.name), dest=dest, action=argparse.BooleanOptionalAction, default=None,
+                               help=_help(f))
             elif typing.get_origin(tp) is list:
-                g.add_argument(_flag(f.name), dest=dest, type=_list_parser(typing.get_args(tp)[0]), default=None,
-                               metavar="A,B,...")
+                g.add_argument(_flag(f.name), dest=dest, type=_list_parser(typing.get_args(tp)[0],
+                                                                            dest == "train.seeds"),
+                               default=None, metavar="A,B,...", help=_help(f))
             else:
-                g.add_argument(_flag(f.name), dest=dest, type=tp, default=None)
+                g.add_argument(_flag(f.name), dest=dest, type=tp, default=None, help=_help(f))
     return ap
 
 
@@ -95,10 +124,14 @@ def config_from_args(argv: list[str]) -> tuple[str, RunConfig]:
     cmd = "run"
     if argv and argv[0] in COMMANDS:
         cmd, argv = argv[0], argv[1:]
-    args = build_parser().parse_args(argv)
-    cfg = RunConfig()
-    if args.preset:
-        apply_overrides(cfg, load_preset(args.preset), source=f"preset {args.preset!r}")
+    workload = COMMANDS[cmd][0]
+    args = build_parser(cmd).parse_args(argv)
+    cfg = RunConfig(workload=workload)
+    preset = load_preset(args.preset or "default", workload)
+    if cmd != "run" and preset.get("workload", workload) != workload:
+        raise ValueError(f"--preset {args.preset!r} is a {preset['workload']} preset; `lengen-train {cmd}` runs the "
+                         f"{workload} workload")
+    apply_overrides(cfg, preset, source=f"preset {args.preset or 'default'!r}")
     over: dict = {}
     for k, v in vars(args).items():
         if v is None or k in ("preset", "task", "base", "extra_arms"):
@@ -108,32 +141,39 @@ def config_from_args(argv: list[str]) -> tuple[str, RunConfig]:
             over.setdefault(sec, {})[name] = v
         else:
             over[k] = v
+    if over.get("train", {}).get("seeds") == "auto":
+        del over["train"]["seeds"]
+        over["train"]["seeds_auto"] = True
     apply_overrides(cfg, over, source="command line")
     args.arms_given = "arms" in over.get("train", {})
     if args.task and cmd != "compare":
         raise ValueError("--task belongs to `lengen-train compare`; use --tasks for a run")
-    COMMANDS[cmd][1](cfg, args)
+    COMMANDS[cmd][2](cfg, args)
     if args.extra_arms:
         cfg.train.arms = list(cfg.train.arms) + list(args.extra_arms)
     return cmd, cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def plan_printing_warnings(cfg: RunConfig, command: str, mode: str):
+    """make_plan, printing its warnings (too few seeds, short lengths) as they come, before any error."""
     from .plan import make_plan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return make_plan(cfg, command, mode)
+        finally:
+            for w in caught:
+                print(f"lengen-train: warning: {w.message}", file=sys.stderr)
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["lm"]:  # the language-model mode has its own config and driver (lm.py)
-        from . import lm
-        return lm.main(argv[1:])
+    if argv[:1] == ["replicate"]:
+        from .replicate import main as replicate_main
+        return replicate_main(argv[1:])
     try:
         cmd, cfg = config_from_args(argv)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                plan = make_plan(cfg, "lengen-train " + " ".join(argv) if argv else "lengen-train")
-            finally:
-                for w in caught:
-                    print(f"lengen-train: warning: {w.message}", file=sys.stderr)
+        plan = plan_printing_warnings(cfg, "lengen-train " + " ".join(argv) if argv else "lengen-train", cmd)
         spawn = cfg.dist.nproc > 1 and not distributed.under_launcher()
         ctx = None if spawn else distributed.init_distributed(cfg.dist.dist_backend, cfg.dist.parallel,
                                                                    cfg.dist.device)
@@ -143,24 +183,25 @@ def main(argv: list[str] | None = None) -> int:
     if spawn:  # dist: lengen-train --nproc N relaunches itself as N torchrun workers
         return distributed.launch(cfg.dist.nproc, argv)
     try:  # dist: every rank trains and evaluates; rank 0 alone prints and writes
-        return _main(cmd, plan, ctx.is_main, argv)
+        return run_plan(plan, ctx.is_main)
+    except (ValueError, OSError) as e:
+        print(f"lengen-train: error: {e}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown()
 
 
-def _main(cmd: str, plan, is_main: bool, argv) -> int:
-    from . import experiment
+def run_plan(plan, is_main: bool = True) -> int:
+    from . import engine
     from .report import write_reports
-
     if not is_main:
-        experiment.run(plan, log=lambda *a: None)
+        engine.run(plan, log=lambda *a: None)
         return 0
     cfg = plan.cfg
-    print(f"lengen-train {cmd}: tasks {cfg.task.tasks}, arms {[a.arm.name for a in plan.arms]}, seeds "
-          f"{cfg.train.seeds}, budget {plan.budget:.4g} {plan.budget_kind} per arm -> {cfg.out}")
-    report = experiment.run(plan)
-    if cmd == "ablate":
-        report["ablation"] = experiment.ablation_meta(plan)
+    print(f"lengen-train {plan.mode} ({cfg.workload}): arms {[a.name for a in plan.arms]}, seeds "
+          f"{'auto from ' if cfg.train.seeds_auto else ''}{cfg.train.seeds}, budget {plan.budget.amount:.4g} "
+          f"{plan.budget.kind} per arm, {plan.workers} worker(s) -> {cfg.out}", flush=True)
+    report = engine.run(plan)
     paths = write_reports(report, Path(cfg.out))
     print(paths["table"])
     print(f"\nreport: {paths['md']}\njson:   {paths['json']}\nplots:  {', '.join(str(p) for p in paths['plots'])}")

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 DIST_BACKENDS = ("auto", "gloo", "nccl")   # process-group backends (not lengen_fast.backends' op backends)
 PARALLEL = ("ddp", "fsdp")
@@ -214,26 +213,12 @@ class DistContext:
         return tuple(t.to(self.device, non_blocking=True) for t in tensors)
 
     # ---------------------------------------------------------------- reductions
-    def token_mean_loss(self, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
-        """(loss to backpropagate, mean CE over all ranks' label tokens (detached)).
-
-        logits (N, V), labels (N,). One process: the plain mean. W processes: the local CE sum
-        scaled by W / N_global, so that the gradient average over ranks is the global token mean.
-        """
-        if not self.enabled:
-            loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
-            return loss, loss.detach()
-        total = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
-        stats = torch.stack([total.detach().double(), (labels != ignore_index).sum().double()])
-        dist.all_reduce(stats)
-        n = stats[1].clamp(min=1)
-        return total * (self.world_size / n).to(total.dtype), (stats[0] / n).float()
-
-    def all_sum(self, *values: float) -> list[float]:
+    def host_sum(self, *values: float) -> list[float]:
+        """Sum host-side numbers over ranks (float64) on a gloo group: no device sync, even under nccl."""
         if not self.enabled:
             return [float(v) for v in values]
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t, group=_host_group(self.backend))
         return t.tolist()
 
     def union(self, mask):
@@ -367,6 +352,17 @@ class ShardedEval(nn.Module):
 
 
 _CTX = DistContext()
+_HOST_GROUP = None
+
+
+def _host_group(backend: str):
+    """The default group under gloo; a second, gloo group for host numbers under nccl (made once)."""
+    global _HOST_GROUP
+    if backend == "gloo":
+        return None
+    if _HOST_GROUP is None:
+        _HOST_GROUP = dist.new_group(backend="gloo")
+    return _HOST_GROUP
 
 
 def context() -> DistContext:
@@ -408,7 +404,8 @@ def init_distributed(backend: str = "auto", parallel: str = "ddp", device: str =
 
 
 def shutdown() -> None:
-    global _CTX
+    global _CTX, _HOST_GROUP
+    _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
     _CTX = DistContext()

@@ -1,6 +1,6 @@
-"""How is a model scored, and when is a difference real? Exact match, the validation score that selects
-checkpoints, loss by position and by distance from a document boundary, generalization gap, critical
-length, the early-stopping rule, and the seed statistics (95% t-intervals, paired verdicts).
+"""How is a model scored? Exact match, the validation score that selects checkpoints, per-document losses (validation
+loss, loss by position), loss by distance from a document boundary, generalization gap, critical length, and the
+early-stopping rule. (Whether a difference is real: stats.py.)
 
 Exact match under greedy decoding is computed with ONE teacher-forced forward: greedy decoding
 reproduces the answer iff, at every answer position, the argmax given the correct prefix is the
@@ -9,6 +9,7 @@ the decoded output differs). ``greedy_decode`` is the literal loop; a test check
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .config import ArmConfig
+from .arms import ArmConfig
 from .tasks import EvalSet, chance
 
 EVAL_TOKENS = 16384  # tokens per evaluation forward
@@ -70,17 +71,111 @@ def greedy_decode(model, prompts: np.ndarray, answer_len: int) -> np.ndarray:
     return seq[:, prompts.shape[1]:].numpy()
 
 
+# ------------------------------------------------------------------------------------ documents
+# Every document is scored alone (its own attention segment, positions from 0), many documents packed per forward
+# through varlen attention, with the chunked loss so no (N, V) logits are held. RoPE scaling is passed per call:
+# the model is never mutated.
+def _doc_batches(docs: list[np.ndarray], max_tokens: int):
+    """Lists of document indices whose total length is <= max_tokens (or one longer document)."""
+    cur, n = [], 0
+    for i, d in enumerate(docs):
+        if cur and n + len(d) > max_tokens:
+            yield cur
+            cur, n = [], 0
+        cur.append(i)
+        n += len(d)
+    if cur:
+        yield cur
+
+
 @torch.no_grad()
-def loss_by_position(model, docs: np.ndarray, edges: list[int]) -> list[float]:
-    """Mean next-token loss of documents (B, L) in position buckets [edges[i], edges[i+1])."""
+def token_losses(model, docs: list[np.ndarray], *, device=None, rope_scaling=None, autocast=None,
+                 max_tokens: int = EVAL_TOKENS, loss_chunk: int = 4096) -> list[np.ndarray]:
+    """Per-document next-token losses: a list of (len(doc) - 1,) float32 arrays, one per document."""
+    device = device or distributed.context().device
     was = model.training
     model.eval()
-    logits = token_logits(model, docs)
+    out: list[np.ndarray] = []
+    for idx in _doc_batches(docs, max_tokens):
+        parts = [np.asarray(docs[i], dtype=np.int64) for i in idx]
+        lens = np.array([len(p) for p in parts], dtype=np.int64)
+        cu = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        tokens = torch.from_numpy(np.concatenate(parts))                                 # (N,)
+        labels = torch.full_like(tokens, -100)
+        positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lens]))       # (N,)
+        for a, b in zip(cu[:-1], cu[1:]):
+            labels[a:b - 1] = tokens[a + 1:b]
+        args = [t.to(device, non_blocking=True) for t in (tokens, torch.from_numpy(cu.astype(np.int32)),
+                                                            positions, labels)]
+        with (autocast() if autocast is not None else contextlib.nullcontext()):
+            loss = model(args[0], args[1], int(lens.max()), args[2], rope_scaling, labels=args[3],
+                         loss_chunk=loss_chunk, reduction="none")                       # (N,)
+        loss = loss.float().cpu().numpy()
+        out += [loss[a:b - 1] for a, b in zip(cu[:-1], cu[1:])]
     model.train(was)
-    t = torch.tensor(docs[:, 1:], dtype=torch.int64)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="none")
-    loss = loss.view(t.shape).mean(0).numpy()                                       # (L-1,) by target pos - 1
-    return [float(loss[a:b].mean()) if b > a else math.nan for a, b in zip(edges[:-1], edges[1:])]
+    return out
+
+
+def validation_loss(model, docs: list[np.ndarray], **kw) -> float:
+    """Mean next-token loss over all tokens of the (already cut) validation documents."""
+    losses = token_losses(model, docs, **kw)
+    return sum(float(x.sum()) for x in losses) / max(1, sum(x.shape[0] for x in losses))
+
+
+def position_edges(context: int, multiples) -> list[int]:
+    """Bucket edges 0, L, then m * L for every multiple m > 1 (sorted): buckets [0, L), [L, 2L), ..."""
+    return [0, context] + [int(round(m * context)) for m in sorted(set(multiples)) if m > 1]
+
+
+def choose_position_docs(heldout: list[np.ndarray], edges: list[int], per_bucket: int,
+                         seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """Held-out documents for loss by position: for every bucket [a, b), up to ``per_bucket`` documents
+    that cover it whole (length >= b), else the longest ones that enter it (length > a), each cut at b;
+    a document is used once, at the highest bucket that picked it (it also covers every bucket below).
+    Returns (docs, notes about buckets that no held-out document reaches, or reaches only in part)."""
+    rng = np.random.default_rng(seed)
+    lens = np.array([len(d) for d in heldout], dtype=np.int64)
+    used: set[int] = set()
+    chosen: list[np.ndarray] = []
+    notes = []
+    longest = int(lens.max()) if lens.size else 0
+    for a, b in reversed(list(zip(edges[:-1], edges[1:]))):
+        free = np.array([i for i in range(len(heldout)) if i not in used], dtype=np.int64)
+        full = free[lens[free] >= b] if free.size else free
+        if full.size:
+            pick = rng.permutation(full)[:per_bucket]
+        else:
+            part = free[lens[free] > a + 1] if free.size else free  # at least one target position >= a
+            pick = part[np.argsort(-lens[part], kind="stable")][:per_bucket]
+            if longest <= a + 1:
+                notes.append(f"no held-out document is longer than {a} tokens: bucket [{a}, {b}) is skipped "
+                             f"(longest held-out document: {longest} tokens)")
+            elif longest < b:
+                notes.append(f"no held-out document reaches {b} tokens: bucket [{a}, {b}) is scored only up to "
+                             f"position {longest - 1}")
+        for i in pick:
+            used.add(int(i))
+            chosen.append(np.asarray(heldout[int(i)])[:b])
+    return chosen, list(reversed(notes))
+
+
+def loss_by_position(model, docs: list[np.ndarray], edges: list[int], **kw) -> list[dict]:
+    """One row per bucket [a, b): mean loss of targets at positions a..b-1 (position p's loss predicts token p
+    from tokens < p), with the token and document counts behind it; loss None where no document reaches it."""
+    losses = token_losses(model, docs, **kw)
+    rows = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        tot, n, nd = 0.0, 0, 0
+        for x in losses:  # x[j] is the loss of target position j + 1
+            seg = x[max(0, a - 1):max(0, b - 1)]
+            if seg.size:
+                tot += float(seg.sum())
+                n += int(seg.size)
+                nd += 1
+        rows.append({"lo": a, "hi": b, "loss": tot / n if n else None, "tokens": n, "docs": nd})
+    return rows
+
 
 
 def distance_buckets(max_d: int) -> list[int]:
@@ -107,8 +202,8 @@ def with_scaling(model, scaling):
     return model if scaling is None else WithScaling(model, scaling)
 
 
-def score(model, sets: list[EvalSet], text: np.ndarray | None, train_max_len: int, text_edges, task_cfg=None,
-          learned: float = 0.9) -> dict:
+def score(model, sets: list[EvalSet], text: list[np.ndarray] | None, train_max_len: int, text_edges, task_cfg=None,
+          learned: float = 0.9, scaling=None) -> dict:
     """Scores of ``model`` on evaluation sets: {"acc": {task: {n: exact}}, "tok_acc", "text_loss" (per position
     bucket), "id", "ood", "ood_score", "learned", "noise_sd", "distinct": {task: {n: prompts}}}.
 
@@ -119,10 +214,10 @@ def score(model, sets: list[EvalSet], text: np.ndarray | None, train_max_len: in
     a difference of two ood_score measurements from sampling the validation prompts alone (binomial at p = 0.5,
     the worst case), so a drop smaller than a few of these is noise.
     """
-    model = distributed.context().eval_model(model)  # dist: sharded over ranks, on the device
+    em_model = distributed.context().eval_model(with_scaling(model, scaling))  # dist: sharded, on the device
     acc, tok, distinct = {}, {}, {}
     for es in sets:
-        a, t = exact_match(model, es)
+        a, t = exact_match(em_model, es)
         acc.setdefault(es.task, {})[es.n] = a
         tok.setdefault(es.task, {})[es.n] = t
         distinct.setdefault(es.task, {})[es.n] = es.distinct
@@ -142,7 +237,7 @@ def score(model, sets: list[EvalSet], text: np.ndarray | None, train_max_len: in
     ids = [v for d in acc.values() for n, v in d.items() if n <= train_max_len]
     oods = [v for d in acc.values() for n, v in d.items() if n > train_max_len]
     if text is not None:
-        tl = loss_by_position(model, text, list(text_edges))
+        tl = [r["loss"] for r in loss_by_position(model, text, list(text_edges), rope_scaling=scaling)]
         out["text_loss"] = tl
         ids.append(math.exp(-tl[0]))  # text: 1/perplexity keeps the metric in (0, 1] with "higher is better"
         oods += [math.exp(-x) for x in tl[1:]]
@@ -205,59 +300,6 @@ def loss_by_boundary_distance(model, pieces: list[np.ndarray], row_len: int, arm
     model.train(was)
     return {"buckets": [float(s / c) if c else math.nan for s, c in zip(sums, counts)],
             "all": total / n_total if n_total else math.nan}
-
-
-# ------------------------------------------------------------------------------------ statistics
-# two-sided 95% quantiles of Student's t, df = 1..30 (beyond: the normal 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-MIN_SEEDS = 2          # a t-interval needs a sample standard deviation
-
-
-def t975(df: int) -> float:
-    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
-
-
-def mean_ci(xs) -> dict:
-    """Mean and 95% t-interval over seeds (sample std, n - 1 degrees of freedom); NaN bounds with < 2 values."""
-    x = np.asarray([v for v in xs if v is not None and not (isinstance(v, float) and math.isnan(v))], dtype=float)
-    n = int(x.size)
-    if n == 0:
-        return {"mean": math.nan, "lo": math.nan, "hi": math.nan, "n": 0, "sd": math.nan}
-    m = float(x.mean())
-    if n < MIN_SEEDS:
-        return {"mean": m, "lo": math.nan, "hi": math.nan, "n": n, "sd": math.nan}
-    sd = float(x.std(ddof=1))
-    h = t975(n - 1) * sd / math.sqrt(n)
-    return {"mean": m, "lo": m - h, "hi": m + h, "n": n, "sd": sd}
-
-
-def paired(a, b) -> dict:
-    """Mean and 95% interval of the per-seed difference a - b (seeds paired: same data, init, eval sets)."""
-    if len(a) != len(b):
-        raise ValueError(f"paired: {len(a)} values against {len(b)}")
-    return mean_ci([x - y for x, y in zip(a, b) if x is not None and y is not None])
-
-
-def verdict(ci: dict) -> str:
-    """"holds" when the 95% interval of the difference lies above zero, "opposite" below it, else
-    "inconclusive" (an interval that contains zero, or too few seeds for an interval)."""
-    if ci["n"] < MIN_SEEDS or math.isnan(ci["lo"]):
-        return "inconclusive"
-    if ci["lo"] > 0:
-        return "holds"
-    if ci["hi"] < 0:
-        return "opposite"
-    return "inconclusive"
-
-
-def fmt_ci(ci: dict, digits: int = 2, signed: bool = False) -> str:
-    if ci["n"] == 0:
-        return "n/a"
-    f = f"{{:{'+' if signed else ''}.{digits}f}}"
-    if math.isnan(ci["lo"]):
-        return f.format(ci["mean"]) + f" (n={ci['n']}, no interval)"
-    return f.format(ci["mean"]) + f" [{f.format(ci['lo'])}, {f.format(ci['hi'])}]"
 
 
 # ---------------------------------------------------------------------------- derived per-run metrics

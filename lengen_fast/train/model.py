@@ -208,3 +208,17 @@ class Transformer(nn.Module):
             return chunked_cross_entropy(self.norm(x), self.head.weight, labels, chunk=loss_chunk,
                                          reduction=reduction)
         return self.head(self.norm(x))
+
+
+def build_model(plan) -> nn.Module:
+    """The model a run trains: our Transformer (model.arch "lengen"), or a Hugging Face architecture
+    ("hf:PATH", a config.json or checkpoint directory) behind an adapter with this module's forward signature."""
+    m = plan.cfg.model
+    if m.arch.startswith("hf:"):
+        from ..integrations.hf.engine_model import load_hf_model
+        model = load_hf_model(m.arch[3:])
+        if model.vocab_size < plan.vocab:
+            raise ValueError(f"model.arch={m.arch!r}: its vocabulary ({model.vocab_size}) is smaller than the "
+                             f"workload's ({plan.vocab} token ids)")
+        return model
+    return Transformer(m, plan.vocab)

@@ -1,291 +1,223 @@
-"""Can this run go, and what exactly will it do? ``make_plan`` validates a RunConfig once, before any
-training, into one immutable :class:`Plan` that the experiment, the trainer and the report read.
+"""What exactly will a run do? One validation of a RunConfig into one frozen :class:`Plan`.
 
-Every bad input fails here with an error naming its field or file: a field out of range, a knob
-combination that cannot run (with the reason), a budget an arm cannot reach within its step cap, an
-evaluation length whose prompt space is empty, a ``--resume`` with nothing to resume or an unreadable
-checkpoint. Problems that do not stop a run (too few seeds for an interval, evaluation lengths below
-the training length) become warnings, kept in ``Plan.warnings`` and printed by the CLI.
+Every bad input fails here, before any training, with the field it concerns: types and ranges (config.py), arms
+(arms.py), the workload's lengths, vocabulary and budget (workload.py), the extension study, learned-position
+tables, distributed settings, the output directory, seeds auto, and --resume (a changed config is refused,
+naming each field and both values). Soft problems (too few seeds, evaluation lengths below the training length)
+become warnings, kept in ``Plan.warnings`` and printed by the CLI.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import os
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-
-import numpy as np
 
 from . import distributed
-from .config import ARM_PRESETS, ArmConfig, RunConfig, check_arm, check_fields, eval_lengths, parse_arm
-from .evaluate import MIN_SEEDS
-from .tasks import (EVAL_MOD, auto_train_examples, doc_tokens, eval_set, max_train_doc_tokens, text_base,
-                    text_train_len, train_documents, train_table)
+from .arms import ARM_PRESETS, ArmConfig, parse_arm, resolve_arms
+from .config import RunConfig, check_fields
+from .stats import MIN_N
+from .trainer import Budget
 
-
-PLAN_SAMPLE = 20000     # examples per task that make_plan sizes budgets on
-
-
-def next_pow2(n: int) -> int:
-    return 1 << (int(n) - 1).bit_length()
-
-
-@dataclass(frozen=True)
-class ArmPlan:
-    """What one arm will do: its knobs, the lr schedule length, and the expected budget use per step."""
-    arm: ArmConfig
-    schedule_steps: int          # steps expected to spend the budget (sizes warmup + cosine)
-    per_step: float              # expected supervised tokens (or FLOPs) per step, from seed 0's epoch
-    steps_per_epoch: int         # of the (possibly sampled) plan-time table; the runs report their own
+CONFIG_FILE = "config.json"     # under --out: the config a run started with (what --resume compares)
+# fields that do not change any (arm, seed) result: a resume may change them. (The world size is checked against
+# each checkpoint instead, with its own message: dist.nproc and dist.dist_backend are free here.)
+RESUME_FREE = ("out", "resume", "progress", "train.workers", "train.seeds_auto", "train.mde", "train.max_seeds",
+               "train.wall_budget_s", "dist.nproc", "dist.dist_backend")
+EXT_DEFAULT_ARM = {"tasks": "pack_masked", "corpus": "dd_natural"}
 
 
 @dataclass(frozen=True)
 class ExtensionPlan:
-    arm: ArmConfig
-    task: object                 # TaskConfig at factor x train_max_len
-    seq_len: int
-    finetune_steps: int
-    scalings: tuple[str, ...]
+    arm: ArmConfig               # the arm whose final models get the scaling arms (its fine-tune: curriculum natural)
+    task: object                 # tasks: the TaskConfig at finetune_factor x train_max_len (None for a corpus)
+    seq_len: int                 # fine-tune row length
+    tokens_per_batch: int
+    budget: Budget               # the fine-tune's
+    scalings: tuple[str, ...]    # evaluation-time
+    finetune_scalings: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Plan:
     cfg: RunConfig               # a private, validated copy: nothing changes it after make_plan
-    command: str
-    arms: tuple[ArmPlan, ...]
-    seq_len: int                 # row length (concat, bfd) and largest decompose bucket
-    doc_max: int                 # longest training document (tokens, unpadded)
-    eval_lengths: tuple[int, ...]
-    text_edges: tuple[int, ...]  # position buckets of the text loss ((0, L) when no text)
+    command: str                 # the command line, for the report
+    mode: str                    # run | compare | ablate (ablate: the first arm is the base)
+    arms: tuple[ArmConfig, ...]
+    baseline: str
+    seq_len: int                 # row length and largest decompose bucket (the context L)
     vocab: int
-    budget_kind: str             # "supervised" | "flops"
-    budget: float                # per arm and seed
-    max_steps: int               # step cap per arm
-    train_examples: int          # per task
+    budget: Budget               # per arm and seed
     num_params: int
+    workers: int                 # parallel seed worker processes
     extension: ExtensionPlan | None
     warnings: tuple[str, ...]
-    derived: MappingProxyType    # figures for the report
+    derived: dict                # figures for the report (per-arm expected use per step, lengths, ...)
 
-    def arm(self, name: str) -> ArmPlan:
-        return next(a for a in self.arms if a.arm.name == name)
-
-
-def resolve_arms(specs) -> tuple[ArmConfig, ...]:
-    arms = tuple(parse_arm(s) for s in specs)
-    names = [a.name for a in arms]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"train.arms: arm names must be unique, {dup} repeat")
-    for a in arms:
-        check_arm(a)
-    return arms
+    def arm(self, name: str) -> ArmConfig:
+        return next(a for a in self.arms if a.name == name)
 
 
-def text_edges(cfg: RunConfig) -> tuple[int, ...]:
-    L = text_train_len(cfg.task)
-    return tuple([0, L] + [round(m * L) for m in sorted(cfg.task.eval_multiples) if m > 1])
+def param_count(cfg: RunConfig, vocab: int) -> int:
+    from .model import Transformer
+    if cfg.model.arch.startswith("hf:"):
+        from ..integrations.hf.engine_model import load_hf_model
+        return load_hf_model(cfg.model.arch[3:]).num_params()
+    return Transformer(cfg.model, vocab).num_params()
 
 
-_DOCS_CACHE: dict = {}   # make_plan sizes the budget on seed 0's documents; the experiment trains on them
+def make_scaling(kind: str, factor: float, orig: int):
+    """A RopeScaling of ``kind`` at ``factor`` over the original context ``orig``; None for "none"."""
+    from ..rope import RopeScaling
+    if kind == "none":
+        return None
+    return RopeScaling(kind=kind, factor=float(factor), original_max_position_embeddings=int(orig))
 
 
-def task_docs(cfg: RunConfig, tc, seed: int, text, steps: int):
-    """The seed's training documents (tokens, masks, task names), shared by every arm of the seed."""
-    key = (repr(tc), seed, text is not None, steps, cfg.train.tokens_per_batch)
-    if key not in _DOCS_CACHE:
-        if len(_DOCS_CACHE) > 8:
-            _DOCS_CACHE.clear()
-        _DOCS_CACHE[key] = _task_docs(cfg, tc, seed, text, steps)
-    return _DOCS_CACHE[key]
-
-
-def _task_docs(cfg: RunConfig, tc, seed: int, text, steps: int):
-    from .tasks import text_pieces
-    if not tc.train_examples:
-        tc = replace(tc, train_examples=auto_train_examples(tc, steps, cfg.train.tokens_per_batch))
-    docs = None
-    if text is not None:
-        L = text_train_len(tc)
-        docs = text_pieces(text.train, (min(L, 2 * tc.train_min_len + 4), L), tc.text_docs, seed)
-    return train_documents(tc, seed, docs)
-
-
-def epoch_use(loader, mask_table, model_cfg, num_params: int, arm: ArmConfig, kind: str) -> float:
-    """Supervised tokens (or FLOPs) the arm spends per step, averaged over one epoch of ``loader``."""
-    from .trainer import attention_flops, dense_flops
-    flat, offs = mask_table
-    cs = np.concatenate([[0], np.cumsum(flat, dtype=np.int64)])
-    total = 0.0
-    for s in range(len(loader)):
-        _, _, doc, start, length, fill = loader.pieces(0, s)
-        if kind == "supervised":  # labels of a piece: loss-mask of tokens 1..length-1 of the piece
-            a = offs[doc] + start + 1
-            b = offs[doc] + start + length
-            total += float((cs[np.maximum(a, b)] - cs[a]).sum())
-        else:
-            seg = fill if arm.attention == "row" else length
-            cu = np.concatenate([[0], np.cumsum(seg)])
-            import torch
-            total += dense_flops(num_params, loader.config.tokens_per_batch) + attention_flops(
-                torch.as_tensor(cu), model_cfg.n_layers, model_cfg.d_model)
-    return total / max(1, len(loader))
-
-
-def make_plan(cfg: RunConfig, command: str = "run") -> Plan:
-    """Validate ``cfg`` (every field, every arm, budgets, evaluation sets, resume) into a Plan."""
+def make_plan(cfg: RunConfig, command: str = "lengen-train", mode: str = "run") -> Plan:
+    """Validate ``cfg`` (every field, arms, workload, budget, extension, resume) into a Plan."""
+    from .workload import WORKLOADS
     cfg = copy.deepcopy(cfg)
     check_fields(cfg)
+
     class _Notes(list):  # warn at once, so that a later error still shows the warnings before it
         def append(self, msg):
             warnings.warn(msg, stacklevel=3)
             super().append(msg)
     notes = _Notes()
-    m, tc, tr, ex = cfg.model, cfg.task, cfg.train, cfg.extension
+    m, tr, ex = cfg.model, cfg.train, cfg.extension
     arms = resolve_arms(tr.arms)
-    if len(tr.seeds) < 3:
-        notes.append(f"train.seeds={tr.seeds}: a 95% interval needs at least {MIN_SEEDS} seeds and is very wide with "
-                     "fewer than 3, so every verdict of this run will read 'inconclusive'" if len(tr.seeds) < MIN_SEEDS
+    names = [a.name for a in arms]
+    baseline = tr.baseline or next((n for n in ("concat_chunk", "concat") if n in names), names[0])
+    if baseline not in names:
+        raise ValueError(f"train.baseline={baseline!r} is not an arm of this run {names}")
+    if tr.seeds_auto and not tr.mde > 0:
+        raise ValueError("train.seeds_auto (--seeds auto) needs a target --mde > 0 in the headline metric's unit "
+                         "(exact-match accuracy for tasks, nats for a corpus): seeds are added until every "
+                         "headline MDE is at most that")
+    if len(tr.seeds) < 3 and not tr.seeds_auto:
+        notes.append(f"train.seeds={tr.seeds}: a 95% interval needs at least {MIN_N} seeds and is very wide with "
+                     "fewer than 3, so every verdict of this run will read 'inconclusive'" if len(tr.seeds) < MIN_N
                      else f"train.seeds={tr.seeds}: with {len(tr.seeds)} seeds the 95% t-interval is very wide "
                      "(t = 12.7 for 2 seeds); use 3 or more")
-    short = [x for x in tc.eval_multiples if x < 1]
-    if short:
-        notes.append(f"eval_multiples {short} are below 1: those evaluation lengths are shorter than the training "
-                     f"length {tc.train_max_len}, so they measure nothing out of distribution")
-    lens = eval_lengths(tc)
-    tasks = [t for t in tc.tasks if t != "text"]
-    if "copy_unique" in tasks and max(lens) > tc.alphabet:
-        raise ValueError(f"task.alphabet={tc.alphabet}: copy_unique at eval length {max(lens)} needs alphabet >= "
-                         "that")
-    if tasks and not any(n > tc.train_max_len for n in lens):
-        notes.append("no evaluation length is beyond train_max_len: nothing out of distribution is measured")
-    # evaluation sets: disjoint val/test prompts must exist at every (task, length)
-    distinct = {}
-    for t in tasks:
-        for n in lens:
-            distinct[f"{t}@{n}"] = {s: eval_set(t, n, tc, 0, s).distinct for s in ("val", "test")}
-    small = {k: v for k, v in distinct.items() if min(v.values()) < tc.eval_examples}
-    if small:
-        notes.append("small prompt spaces (distinct val/test prompts below eval_examples="
-                     f"{tc.eval_examples}; every one is used, none shared): "
-                     + ", ".join(f"{k} {v['val']}/{v['test']}" for k, v in small.items()))
-    # lengths
-    doc_max = max_train_doc_tokens(tc)
-    seq_len = tr.seq_len or next_pow2(doc_max)
-    if tr.seq_len and tr.seq_len < doc_max and any(a.packing == "bfd" for a in arms):
-        raise ValueError(f"train.seq_len={tr.seq_len} is shorter than the longest training document ({doc_max} "
-                         "tokens): packing=bfd keeps documents whole (concat and decompose may cut them)")
-    if any(a.packing == "decompose" for a in arms) and seq_len & (seq_len - 1):
-        raise ValueError(f"train.seq_len={seq_len} must be a power of two for packing=decompose (its largest bucket)")
-    if any(a.packing == "decompose" and a.fit == "pad" for a in arms) and seq_len < next_pow2(doc_max):
-        raise ValueError(f"train.seq_len={seq_len} is shorter than the padded longest document "
-                         f"({next_pow2(doc_max)}): fit=pad would still cut documents")
-    ext = None
-    ext_seq = seq_len
-    if ex.extend and m.pos_encoding != "rope":
-        notes.append(f"extension.extend: the staged RoPE extension study needs model.pos_encoding=rope (this run uses "
-                     f"{m.pos_encoding}); it is skipped")
-    elif ex.extend:
-        ext_arm = next((a for a in arms if a.name == ex.ext_arm), None) or (
-            ARM_PRESETS.get(ex.ext_arm) or _raise(f"extension.ext_arm={ex.ext_arm!r} is neither an arm of this run "
-                                                  f"nor a preset {sorted(ARM_PRESETS)}"))
-        ext_tc = replace(tc, train_max_len=round(ex.factor * tc.train_max_len))
-        ext_seq = next_pow2(max(max_train_doc_tokens(ext_tc), seq_len))
-        from .experiment import make_scaling
-        for kind in ex.scalings:
-            make_scaling(kind, ex.factor, seq_len)
-        ext = ExtensionPlan(ext_arm, ext_tc, ext_seq, max(1, round(ex.ext_steps_frac * tr.steps)),
-                            tuple(ex.scalings))
-    if tr.tokens_per_batch < max(seq_len, ext_seq):
-        raise ValueError(f"train.tokens_per_batch={tr.tokens_per_batch} is smaller than the row length "
-                         f"{max(seq_len, ext_seq)} (the longest training document, or extension fine-tune document, "
-                         "rounded up to a power of two); raise train.tokens_per_batch")
+    if cfg.workload == "tasks" and any(x < 1 for x in cfg.task.eval_multiples):
+        notes.append(f"eval_multiples {[x for x in cfg.task.eval_multiples if x < 1]} are below 1: those evaluation "
+                     f"lengths are shorter than the training length {cfg.task.train_max_len}, so they measure nothing "
+                     "out of distribution")
+    part = WORKLOADS[cfg.workload].plan(cfg, arms, notes, lambda vocab: param_count(cfg, vocab))
+    seq_len, vocab, budget, num_params = part["seq_len"], part["vocab"], part["budget"], part["num_params"]
+    if tr.tokens_per_batch < seq_len:
+        raise ValueError(f"train.tokens_per_batch={tr.tokens_per_batch} is smaller than the row length {seq_len} "
+                         "(the longest training document rounded up to a power of two, or train.seq_len)")
+    # the step cap: max_steps_factor x the steps a full batch of unpadded documents needs
+    share = part["derived"].get("supervised_share", 1.0) if tr.budget == "supervised" else 1.0
+    nominal = {"supervised": tr.tokens_per_batch * tr.grad_accum * share, "steps": 1.0,
+               "flops": 6.0 * num_params * tr.tokens_per_batch * tr.grad_accum}[tr.budget]
+    max_steps = max(1, math.ceil(tr.max_steps_factor * budget / nominal))
+    for arm in arms:
+        per, _ = part["per_step"][arm.name]
+        need = math.ceil(budget / per) if per > 0 else math.inf
+        if need > max_steps:
+            raise ValueError(f"arm {arm.name!r} cannot reach the budget of {budget:.4g} {tr.budget}: it spends about "
+                             f"{per:.4g} per step, so it needs ~{need} steps, more than the cap "
+                             f"train.max_steps_factor x the nominal steps = {max_steps}; raise train.max_steps_factor "
+                             "or lower the budget")
+    budget = Budget(tr.budget, budget, max_steps)
+    ext = _extension(cfg, arms, part, seq_len, budget, notes)
+    ext_seq = ext.seq_len if ext else seq_len
     if m.pos_encoding == "learned":
-        need = max([doc_tokens(t, n, tc) for t in tasks for n in lens] + ([max(text_edges(cfg))] if "text" in tc.tasks
-                                                                         else []) + [max(seq_len, ext_seq)])
+        need = max(part["learned_positions_need"], ext_seq)
         if need + tr.pos_offset_max > m.max_positions:
             raise ValueError(f"model.max_positions={m.max_positions} is too small for learned positions: the longest "
                              f"evaluation document or row ({need}) plus train.pos_offset_max ({tr.pos_offset_max}) "
                              f"needs {need + tr.pos_offset_max}")
-    distributed.check_config(cfg, [seq_len, ext_seq], any(a.packing == "decompose" for a in arms)
-                             or (ext is not None and ext.arm.packing == "decompose"))
+    decompose = any(a.packing == "decompose" for a in arms) or (ext is not None and ext.arm.packing == "decompose")
+    distributed.check_config(cfg, [seq_len, ext_seq], decompose)
+    world = distributed.env_world_size() if distributed.under_launcher() else cfg.dist.nproc
+    if world > 1 and tr.workers > 1:
+        raise ValueError(f"train.workers={tr.workers}: parallel seed workers and data parallelism (world size "
+                         f"{world}) do not combine; use --workers 1 with --nproc / torchrun")
+    workers = 1 if world > 1 else (tr.workers or min(os.cpu_count() or 1, len(tr.seeds)))
     out = Path(cfg.out)
     if not out.parent.exists():
         raise ValueError(f"out: the parent of {str(out)!r} does not exist")
     if cfg.resume:
-        check_resume(cfg, out, ext)
-    # text and vocabulary
-    text = None
-    if "text" in tc.tasks:
-        from .tasks import load_text
-        text = load_text(tc)
-    vocab = text_base(tc) + (text.vocab if text is not None else 0)
-    from .model import Transformer
-    num_params = Transformer(m, vocab).num_params()
-    # budget: sized on seed 0's documents, the same for every arm and seed
-    tcx = tc if tc.train_examples else replace(tc, train_examples=auto_train_examples(tc, tr.steps,
-                                                                                      tr.tokens_per_batch))
-    # (on at most PLAN_SAMPLE examples per task: a share and a per-step rate need no more, and large presets
-    # would otherwise generate every document twice)
-    tps = replace(tcx, train_examples=min(tcx.train_examples, PLAN_SAMPLE))
-    toks, masks, names = task_docs(cfg, tps, 0, text, tr.steps)
-    sup_share = sum(int(mk[1:].sum()) for mk in masks) / sum(len(t) for t in toks)
-    if tr.budget == "supervised":
-        budget = float(tr.budget_tokens or round(tr.steps * tr.tokens_per_batch * sup_share))
-    else:
-        budget = float(tr.budget_flops or tr.steps * 6.0 * num_params * tr.tokens_per_batch)
-    max_steps = math.ceil(tr.max_steps_factor * tr.steps)
-    arm_plans = []
-    for arm in arms:
-        table = train_table(tps, 0, pad_pow2=arm.fit == "pad", docs=(toks, masks, names))
-        from .trainer import make_loader
+        check_resume(cfg, out)
+    derived = part["derived"] | {
+        "seq_len": seq_len, "vocab_size": vocab, "budget_kind": tr.budget, "budget": budget.amount,
+        "max_steps": max_steps, "num_params": num_params, "baseline": baseline, "workers": workers,
+        "arms": {a.name: {"per_step": part["per_step"][a.name][0], "steps_per_epoch": part["per_step"][a.name][1],
+                          "expected_steps": math.ceil(budget.amount / part["per_step"][a.name][0])} for a in arms}}
+    return Plan(cfg=cfg, command=command, mode=mode, arms=arms, baseline=baseline, seq_len=seq_len, vocab=vocab, budget=budget,
+                num_params=num_params, workers=workers, extension=ext, warnings=tuple(notes), derived=derived)
+
+
+def _extension(cfg, arms, part, seq_len, budget: Budget, notes) -> ExtensionPlan | None:
+    ex, tr = cfg.extension, cfg.train
+    if not ex.extend:
+        return None
+    if cfg.model.pos_encoding != "rope":
+        notes.append(f"extension.extend: the RoPE extension study needs model.pos_encoding=rope (this run uses "
+                     f"{cfg.model.pos_encoding}); it is skipped")
+        return None
+    name = ex.ext_arm or EXT_DEFAULT_ARM[cfg.workload]
+    arm = next((a for a in arms if a.name == name), None)
+    if arm is None:
+        if name not in ARM_PRESETS:
+            raise ValueError(f"extension.ext_arm={name!r} is neither an arm of this run {[a.name for a in arms]} nor a "
+                             f"preset {sorted(ARM_PRESETS)}")
+        arm = parse_arm(name)
+    for kind in list(ex.scalings) + list(ex.finetune_scalings if ex.finetune else []):
         try:
-            loader = make_loader(table, arm, seq_len, tr.tokens_per_batch, 0, shard=(0, 1))  # whole batches
-        except ValueError as e:
-            raise ValueError(f"arm {arm.name!r}: {e}") from None
-        col = table.column("loss_mask").combine_chunks()
-        flat = np.asarray(col.values.to_numpy(zero_copy_only=False), dtype=np.int64)
-        offs = np.asarray(col.offsets.to_numpy(), dtype=np.int64)[:-1]
-        per = epoch_use(loader, (flat, offs), m, num_params, arm, tr.budget)
-        need = math.ceil(budget / per) if per > 0 else math.inf
-        if need > max_steps:
-            raise ValueError(f"arm {arm.name!r} cannot reach the budget of {budget:.4g} "
-                             f"{'supervised tokens' if tr.budget == 'supervised' else 'FLOPs'}: it spends about "
-                             f"{per:.4g} per step, so it needs ~{need} steps, more than the cap "
-                             f"train.max_steps_factor x train.steps = {max_steps}; raise train.max_steps_factor or "
-                             "lower the budget")
-        arm_plans.append(ArmPlan(arm, int(need), float(per), len(loader)))
-    derived = {"seq_len": seq_len, "doc_max_tokens": doc_max, "eval_lengths": lens, "vocab_size": vocab,
-               "text_edges": list(text_edges(cfg)) if text is not None else None, "budget_kind": tr.budget,
-               "budget": budget, "supervised_share": sup_share, "max_steps": max_steps,
-               "train_examples": tcx.train_examples, "eval_distinct_seed0": distinct, "num_params": num_params,
-               "eval_mod": EVAL_MOD}
-    return Plan(cfg=cfg, command=command, arms=tuple(arm_plans), seq_len=seq_len, doc_max=doc_max,
-                eval_lengths=tuple(lens), text_edges=text_edges(cfg), vocab=vocab, budget_kind=tr.budget,
-                budget=budget, max_steps=max_steps, train_examples=tcx.train_examples, num_params=num_params,
-                extension=ext, warnings=tuple(notes), derived=MappingProxyType(derived))
+            make_scaling(kind, ex.factor if kind in ex.scalings else ex.finetune_factor, seq_len)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"extension: scaling {kind!r}: {e}") from None
+    task, ext_seq = part["extension_len"](ex.finetune_factor)
+    tpb = tr.tokens_per_batch if cfg.workload == "tasks" else max(tr.tokens_per_batch, ext_seq)
+    if ex.finetune and tpb < ext_seq:
+        raise ValueError(f"train.tokens_per_batch={tpb} is smaller than the extension fine-tune's row length "
+                         f"{ext_seq} (finetune_factor x the training length, rounded up to a power of two); raise "
+                         "train.tokens_per_batch or lower extension.finetune_factor")
+    ft_budget = Budget(budget.kind, ex.finetune_frac * budget.amount,
+                       max(1, math.ceil(2 * ex.finetune_frac * budget.max_steps)))
+    return ExtensionPlan(dataclasses.replace(arm, curriculum="natural", cycles=1), task, ext_seq, tpb, ft_budget,
+                         tuple(ex.scalings), tuple(ex.finetune_scalings) if ex.finetune else ())
 
 
-def _raise(msg: str):
-    raise ValueError(msg)
+def result_config(cfg: RunConfig) -> dict:
+    """The config as a flat {"section.field": value} of every field that can change a result."""
+    flat = {}
+    for k, v in cfg.to_dict().items():
+        if isinstance(v, dict):
+            flat.update({f"{k}.{f}": x for f, x in v.items()})
+        else:
+            flat[k] = v
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE}
 
 
-def check_resume(cfg: RunConfig, out: Path, ext) -> None:
-    """--resume needs at least one readable, compatible checkpoint under out/ckpt."""
-    from .trainer import check_compatible, read_checkpoint
+def check_resume(cfg: RunConfig, out: Path) -> None:
+    """--resume needs the run's config.json and at least one readable checkpoint, and refuses a config that differs
+    in any field that changes a result (naming each with both values)."""
+    from .trainer import read_checkpoint
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"resume: {str(path)!r} does not exist, so there is no run to resume under {str(out)!r}; "
+                         "drop --resume to start a fresh run")
+    try:
+        saved = json.loads(path.read_text())["result_config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"resume: cannot read {str(path)!r}: {type(e).__name__}: {e}") from None
+    mine = json.loads(json.dumps(result_config(cfg)))
+    diff = [f"{k}: {saved.get(k)!r} (run) != {mine.get(k)!r} (now)" for k in sorted(set(saved) | set(mine))
+            if saved.get(k) != mine.get(k)]
+    if diff:
+        raise ValueError(f"resume: the config differs from the run's ({str(path)!r}) in fields that change the "
+                         f"results; resume with the same settings or start a fresh --out: " + "; ".join(diff))
     found = sorted(out.glob("ckpt/*/last.pt"))
-    if not found:
-        raise ValueError(f"resume: there is no checkpoint to resume from under {str(out / 'ckpt')!r} "
-                         "(no */last.pt); drop --resume to start a fresh run")
     world = distributed.env_world_size() if distributed.under_launcher() else cfg.dist.nproc
     for ck_path in found:
-        ck = read_checkpoint(ck_path)
-        name = ck_path.parent.name
-        model_cfg = cfg.model
-        if name.startswith("extend"):
-            model_cfg = dataclasses.replace(cfg.model, pos_encoding="rope")
-        check_compatible(ck, model_cfg, ck_path)
-        distributed.check_resume_world(ck, world, ck_path)
+        distributed.check_resume_world(read_checkpoint(ck_path), world, ck_path)

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-OPS = ("attention", "rope", "data")  # the ops whose backend backends.select() chooses per device
+OPS = ("attention", "rope", "data")
+# peak dense bf16 tensor FLOP/s by GPU name, for MFU
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}  # the ops whose backend backends.select() chooses per device
 
 
 def _version(dist_name: str) -> str | None:
@@ -38,7 +40,7 @@ def versions() -> dict:
     return out
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -56,7 +58,7 @@ def devices(device: str | torch.device) -> dict:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return {"type": "cuda", "name": torch.cuda.get_device_name(index), "count": torch.cuda.device_count(),
                 "index": index}
-    return {"type": device.type, "name": _cpu_name() if device.type == "cpu" else device.type, "count": 1,
+    return {"type": device.type, "name": cpu_name() if device.type == "cpu" else device.type, "count": 1,
             "cpu_threads": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 

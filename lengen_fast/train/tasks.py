@@ -300,20 +300,18 @@ class TextData:
 
 
 def load_text(cfg: TaskConfig) -> TextData:
-    """Documents from ``cfg.text_source`` (any source the data pipeline opens) or the embedded corpus."""
-    from ..data import BYTE_VOCAB, embedded_corpus, open_tokens
-
-    src = open_tokens(cfg.text_source or embedded_corpus(limit=EMBEDDED_FILES))
-    docs = [np.asarray(src.tokens(i), dtype=np.int64) for i in range(len(src))]
-    docs = [d for d in docs if len(d) > 1]
-    if not docs:
-        raise ValueError(f"text source {cfg.text_source or 'embedded corpus'!r} has no documents")
-    vocab = int(src.vocab_size or (BYTE_VOCAB if not cfg.text_source else max(int(d.max()) for d in docs) + 1))
+    """Documents from ``cfg.text_source`` (any source the data pipeline opens) or the embedded corpus (its first
+    EMBEDDED_FILES stdlib files, cut into definitions), held out by the one corpus rule (corpus.heldout_mask)."""
+    from .corpus import load_corpus
+    c = load_corpus(cfg.text_source, heldout_frac=1 / EVAL_MOD, files=0 if cfg.text_source else EMBEDDED_FILES)
     base = text_base(cfg)
-    train, held = [], []
-    for i, d in enumerate(docs):
-        (held if zlib.crc32(d.tobytes(), i) % EVAL_MOD == 0 else train).append(d + base)
-    return TextData(train, held, vocab)
+    train = [np.asarray(c.train.tokens(i), dtype=np.int64) + base for i in range(len(c.train))]
+    train = [d for d in train if len(d) > 1]
+    held = [np.asarray(d, dtype=np.int64) + base for d in c.heldout if len(d) > 1]
+    if not train or not held:
+        raise ValueError(f"text source {cfg.text_source or 'embedded corpus'!r} has no "
+                         f"{'training' if not train else 'held-out'} documents")
+    return TextData(train, held, int(c.vocab_size))
 
 
 def text_pieces(docs: list[np.ndarray], lengths: tuple[int, int], count: int, seed: int) -> list[np.ndarray]:

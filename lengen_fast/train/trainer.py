@@ -1,59 +1,82 @@
-"""How does one arm train for one seed? The loop, readable top to bottom, plus the batch -> model-input
-mapping that the arm's knobs control and the per-arm budget accounting.
+"""How does one arm train for one seed? One :class:`Run` for every workload: the step, training until a point of
+the budget, evaluation, checkpoints and exact resume; plus the batch -> model-input mapping that the arm's knobs
+control and the budget accounting.
 
-Data flows: task documents -> Arrow table -> lengen_fast.data.PackedLoader (packing knob) -> flat
-batch -> ``model_inputs`` (attention and positions knobs) -> Transformer -> AdamW. The run stops when
-the arm has spent its budget (supervised target tokens, or FLOPs), or at its step cap (then the arm
-is flagged). Every ``eval_every`` steps the model is scored on validation sets; three checkpoints are
-kept: ``last.pt`` (final), ``best_id.pt`` (best in-distribution validation score: the headline
-selection) and ``best_ood.pt`` (what the "stop when OOD drops" recipe would keep: an analysis).
+Data flows: documents (a TokenSource) -> lengen_fast.data.PackedLoader (packing knob) -> flat batch ->
+``model_inputs`` (attention and positions knobs) -> the model (model.py; ours or a Hugging Face architecture) ->
+the chunked loss -> AdamW. A step reads this file, model.py, distributed.py (the reductions) and the loader.
+
+A run stops when it has spent its :class:`Budget` (supervised target tokens, FLOPs or steps), or at the budget's
+step cap (then the arm is flagged). The learning rate follows the budget: linear warmup over ``warmup_frac`` of it,
+then cosine decay to ``min_lr_frac``, so arms that spend the budget in different numbers of steps follow the same
+schedule per token. Three checkpoints: ``last.pt`` (everything a resume needs), ``best_id.pt`` (weights at the best
+in-distribution validation score: the headline selection) and ``best_ood.pt`` (what the "stop when OOD drops"
+recipe would keep: an analysis).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..fsio import atomic_torch_save
 from ..reference import doc_ids_from_cu_seqlens, positions_from_cu_seqlens
 from . import distributed
-from .config import ArmConfig
-from .evaluate import EarlyStopper, score
-from .model import Transformer
+from .arms import ArmConfig
+from .evaluate import EarlyStopper
 from .tasks import PAD
 
 IGNORE = -100
 
 
-def make_loader(table, arm: ArmConfig, seq_len: int, tokens_per_batch: int, seed: int,
-                shard: tuple[int, int] | None = None):
-    """The data pipeline's loader over the task table for ``arm``'s packing knob (labels are -100 where
-    the loss mask is 0). ``shard``: (rank, world size); default this process's."""
-    from ..data import LoaderConfig, PackedLoader, open_tokens
+@dataclass(frozen=True)
+class Budget:
+    """What a run spends and when it stops: ``amount`` of ``kind`` (supervised | flops | steps), at most
+    ``max_steps`` optimizer steps (a run that hits the cap first did not get its budget and is flagged)."""
+    kind: str
+    amount: float
+    max_steps: int
 
-    source = open_tokens(table, column="input_ids", loss_mask_column="loss_mask")
+    def spent(self, run: "Run") -> float:
+        return {"supervised": float(run.acct["supervised"]), "flops": run.flops, "steps": float(run.step)}[self.kind]
+
+    def frac(self, run: "Run") -> float:
+        return min(1.0, self.spent(run) / self.amount) if self.amount > 0 else 1.0
+
+
+def make_loader(source, arm: ArmConfig, seq_len: int, tokens_per_batch: int, seed: int, *, min_len: int = 0,
+                cycles: int = 1, prefetch: int = 0, pin_memory: bool = False, shard: tuple[int, int] | None = None):
+    """The data pipeline's loader over ``source`` (a TokenSource) for ``arm``'s packing knob. decompose buckets are
+    powers of two from ``min_len`` (0: the shortest document's, floored) up to seq_len; pieces below min_len are
+    packed into min_len rows (remainder=True), so no token is dropped. ``cycles`` multiplies the arm's curriculum
+    cycles (a corpus subset of k budgets runs k cycles). ``shard``: (rank, world size); default this process's."""
+    from ..data import LoaderConfig, PackedLoader
+
     ctx = distributed.context()
     decompose = arm.packing == "decompose"
-    # decompose buckets are powers of two from the shortest document's (floor) up; pieces below min_len (low bits
-    # of longer documents) are packed into min_len rows (remainder=True), so no token is dropped
-    min_len = min(1 << (int(source.lengths.min()).bit_length() - 1), seq_len) if decompose else 1
+    if decompose and not min_len:
+        min_len = 1 << (int(source.lengths.min()).bit_length() - 1) if int(source.lengths.min()) > 0 else 1
     strategy = {"concat": "concat_chunk", "bfd": "pack", "decompose": "vsl"}[arm.packing]
-    lc = LoaderConfig(strategy=strategy, tokens_per_batch=tokens_per_batch, max_len=seq_len, min_len=min_len,
-                      remainder=decompose, curriculum=arm.curriculum, num_cycles=arm.cycles, seed=seed,
-                      infinite=True, prefetch=0, rank=shard[0] if shard else ctx.rank,
+    lc = LoaderConfig(strategy=strategy, tokens_per_batch=tokens_per_batch, max_len=seq_len,
+                      min_len=min(min_len, seq_len) if decompose else 1, remainder=decompose,
+                      curriculum=arm.curriculum, num_cycles=arm.cycles * cycles, seed=seed, infinite=True,
+                      prefetch=prefetch, pin_memory=pin_memory, rank=shard[0] if shard else ctx.rank,
                       world_size=shard[1] if shard else ctx.world_size)
     return PackedLoader(source, lc)
 
 
 def model_inputs(batch, arm: ArmConfig, gen: torch.Generator | None = None, pos_offset_max: int = 0):
-    """Batch -> (tokens, cu_seqlens, max_seqlen, positions, labels), all flat (N,).
+    """Batch -> (tokens, cu_seqlens, max_seqlen, positions, labels), all flat (N,) host tensors.
 
-    attention=row attends across the documents of a packed row (the loader's ``row_cu_seqlens``),
-    attention=document within each document piece (``cu_seqlens``). positions=row counts along the
-    row, positions=document restarts at every document piece. Tokens and labels do not depend on
-    either knob. With ``gen``, every position segment gets a random offset in [0, pos_offset_max].
+    attention=row attends across the documents of a packed row (the loader's ``row_cu_seqlens``), attention=document
+    within each document piece (``cu_seqlens``). positions=row counts along the row, positions=document restarts at
+    every document piece; tail padding gets position 0. Tokens and labels do not depend on either knob. With
+    ``gen``, every position segment gets a random offset in [0, pos_offset_max] (rank-invariant under DDP).
     """
     tokens = torch.as_tensor(batch.input_ids, dtype=torch.int64)
     labels = torch.as_tensor(batch.labels, dtype=torch.int64)
@@ -69,7 +92,7 @@ def model_inputs(batch, arm: ArmConfig, gen: torch.Generator | None = None, pos_
     if gen is not None and pos_offset_max > 0:
         off = distributed.context().segment_offsets(pos_offset_max + 1, nseg, gen)  # dist: rank-invariant
         positions = positions + torch.where(seg < nseg, off[seg.clamp(max=nseg)], torch.zeros_like(positions))
-    max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 1
+    max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 1          # host tensor: no device sync
     return tokens, cu, max_seqlen, positions, labels
 
 
@@ -84,195 +107,236 @@ def dense_flops(num_params: int, slots: int) -> float:
     return 6.0 * num_params * slots
 
 
-class Trainer:
-    """One (arm, seed) run. ``budget``: ("supervised" | "flops", amount) to stop at, or None to run
-    exactly ``max_steps`` (the extension fine-tune). ``schedule_steps`` sizes the warmup + cosine schedule."""
+def _cpu_clock() -> float:
+    """CPU seconds of the compute: this thread's with one torch thread (a loader's prefetch thread is left out),
+    else the whole process's; robust to the neighbours of a shared machine, unlike wall time."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.process_time()
 
-    def __init__(self, plan, arm: ArmConfig, seed: int, table, evals, run_dir: Path, *, max_steps: int,
-                 schedule_steps: int, budget: tuple[str, float] | None, task_cfg=None, seq_len: int | None = None,
-                 init_model: Transformer | None = None, rope_scaling=None, model_cfg=None):
+
+ACCT = ("slots", "tokens", "supervised", "padding", "pieces", "pieces_cut")
+
+
+class Run:
+    """One (arm, seed) run on ``source`` (a TokenSource). ``validate(run) -> dict``: the workload's validation
+    scores (workload.py; "id" higher-is-better, and "ood_score", "learned", "noise_sd" for the OOD rule). ``lr``:
+    its peak learning rate; ``init_state``: weights to start from (a fine-tune); ``rope_scaling``: a RopeScaling
+    the run trains and validates with (a fine-tune), else None; ``cycles``: curriculum cycles multiplier;
+    ``tokens_per_batch``: 0 = train.tokens_per_batch."""
+
+    def __init__(self, plan, arm: ArmConfig, seed: int, source, run_dir: Path, *, budget: Budget,
+                 seq_len: int, lr: float, validate, label: str | None = None, init_state: dict | None = None,
+                 rope_scaling=None, cycles: int = 1, tokens_per_batch: int = 0):
+        from .model import build_model
         cfg = plan.cfg
-        self.plan, self.cfg, self.arm, self.seed = plan, cfg, arm, seed
-        self.task_cfg = task_cfg or cfg.task
-        self.evals, self.run_dir = evals, Path(run_dir)
-        self.max_steps, self.schedule_steps, self.budget = max_steps, schedule_steps, budget
-        self.rope_scaling = rope_scaling
-        torch.manual_seed(seed)
-        self.dist = distributed.context()
-        mcfg = model_cfg or cfg.model
-        self.model = (self.dist.plain_copy(init_model, lambda: Transformer(init_model.cfg, init_model.vocab_size))
-                      if init_model is not None else Transformer(mcfg, plan.vocab))
-        self.model.attn_backend = cfg.train.attn_backend or None
-        self.train_model = self.dist.wrap(self.model)  # dist: device, DDP / FSDP2 (before the optimizer)
         tr = cfg.train
+        self.plan, self.cfg, self.arm, self.seed, self.label = plan, cfg, arm, seed, label or arm.name
+        self.validate_fn, self.run_dir, self.budget, self.lr_peak = validate, Path(run_dir), budget, lr
+        self.seq_len, self.rope_scaling = seq_len, rope_scaling
+        self.ctx = distributed.context()
+        self.cuda = self.ctx.device.type == "cuda"
+        torch.manual_seed(seed)
+        self.model = build_model(plan)
+        if init_state is not None:
+            self.model.load_state_dict(init_state)
+        self.model.attn_backend = tr.attn_backend or None
+        self.train_model = self.ctx.wrap(self.model)  # dist: device, DDP / FSDP2 (before the optimizer)
+        if tr.compile:
+            self.train_model = torch.compile(self.train_model, dynamic=True)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        rest = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": tr.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=tr.lr, betas=(0.9, 0.95))
-        self.loader = make_loader(table, arm, seq_len or plan.seq_len, tr.tokens_per_batch, seed)
-        self.doc_len = np.asarray(self.loader.source.lengths, dtype=np.int64)
-        self.gen = torch.Generator().manual_seed(seed + 1)
-        self.dist.seed_rank_streams(seed)
+                                      {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                                     **({"fused": True} if self.cuda else {}))
+        self.loader = make_loader(source, arm, seq_len, tokens_per_batch or tr.tokens_per_batch, seed,
+                                  min_len=tr.min_len, cycles=cycles,
+                                  prefetch=2 if self.cuda else 0, pin_memory=self.cuda)
+        self.batches = None                                     # the loader's iterator, made at the first step
+        self.doc_len = np.asarray(source.lengths, dtype=np.int64)
+        self.num_params = self.model.num_params()
+        self.gen = torch.Generator().manual_seed(seed + 1)      # position offsets
+        self.ctx.seed_rank_streams(seed)
         self.stopper = EarlyStopper(drop=tr.early_stop_drop, z=tr.early_stop_z, min_steps=tr.early_stop_min_steps,
                                     patience=tr.early_stop_patience)
-        self.step, self.train_time, self.flops = 0, 0.0, 0.0
-        # budget accounting (global over ranks): token slots, real tokens, supervised (labelled) tokens, padding
-        # (tail slots + PAD tokens of fit=pad), document pieces seen and pieces that are not whole documents
-        self.acct = {"slots": 0, "tokens": 0, "supervised": 0, "padding": 0, "pieces": 0, "pieces_cut": 0}
-        self.seen = np.zeros(len(self.doc_len), dtype=bool)       # this rank's documents (union at the end)
+        self.step, self.evals_done, self.flops = 0, 0, 0.0
+        self.train_time = self.cpu_time = self.eval_time = 0.0
+        self.acct = dict.fromkeys(ACCT, 0)                      # global over ranks
+        self.seen = np.zeros(len(self.doc_len), dtype=bool)     # this rank's documents (union at the end)
         self.cut = np.zeros(len(self.doc_len), dtype=bool)
         self.best_id, self.best_id_step = -math.inf, -1
-        self.losses: list[float] = []
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.ctx.device)  # read at evaluations only
+        self.loss_tokens = 0
         self.history: list[dict] = []
 
-    # ------------------------------------------------------------------ schedule, budget, eval, ckpt
-    def lr_at(self, step: int) -> float:
+    # ------------------------------------------------------------------ schedule and budget
+    def lr_at(self) -> float:
         tr = self.cfg.train
-        warm = min(tr.warmup, max(1, self.schedule_steps // 10))
-        if step < warm:
-            return tr.lr * (step + 1) / warm
-        frac = (step - warm) / max(1, self.schedule_steps - warm)
-        return tr.lr * (tr.min_lr_frac + (1 - tr.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
-
-    def spent(self) -> float:
-        kind, _ = self.budget
-        return float(self.acct["supervised"]) if kind == "supervised" else self.flops
-
-    def done(self) -> bool:
-        if self.step >= self.max_steps:
-            return True
-        if self.budget is not None and self.spent() >= self.budget[1]:
-            return True
-        return self.cfg.train.early_stop and self.budget is not None and self.stopper.stopped_at is not None
-
-    def evaluate(self) -> dict:
-        tr = self.cfg.train
-        res = score(self.scored_model(), self.evals.val, self.evals.text_val, self.task_cfg.train_max_len,
-                    self.plan.text_edges, self.task_cfg, tr.critical_threshold)
-        res.update(step=self.step, flops=self.flops, supervised=self.acct["supervised"],
-                   loss=float(np.mean(self.losses[-tr.eval_every:])) if self.losses else math.nan)
-        self.history.append(res)
-        improved, _ = self.stopper.update(self.step, res["ood_score"], res["learned"], res["noise_sd"])
-        if improved:
-            self.save(self.run_dir / "best_ood.pt")
-        if res["id"] >= self.best_id:  # ties: the later checkpoint (more training, same ID score)
-            self.best_id, self.best_id_step = res["id"], self.step
-            self.save(self.run_dir / "best_id.pt")
-        self.save(self.run_dir / "last.pt")
-        return res
+        frac = self.budget.frac(self)
+        if frac < tr.warmup_frac:
+            return self.lr_peak * max(frac / tr.warmup_frac, 1.0 / max(1, self.budget.max_steps))
+        p = min(1.0, (frac - tr.warmup_frac) / max(1e-9, 1 - tr.warmup_frac))
+        return self.lr_peak * (tr.min_lr_frac + (1 - tr.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
     @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the run computes in: the parameters' (this loop uses no autocast)."""
-        return next(self.model.parameters()).dtype
+    def halted(self) -> bool:
+        """The budget is spent, the step cap is hit, or (train.early_stop) the OOD rule fired."""
+        return (self.budget.spent(self) >= self.budget.amount or self.step >= self.budget.max_steps
+                or (self.cfg.train.early_stop and self.stopper.stopped_at is not None))
 
-    def scored_model(self):
-        from .evaluate import with_scaling
-        return with_scaling(self.model, self.rope_scaling)
+    @property
+    def dtype(self) -> str:
+        """What the step computes in: bf16 autocast over the parameters' dtype on CUDA, else theirs."""
+        weights = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return f"bfloat16 autocast, {weights} weights" if self.cuda else weights
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.cuda else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ the step
+    def account(self, batch, labels: torch.Tensor, cu: torch.Tensor) -> list[float]:
+        """This rank's totals for one micro-batch, in ACCT order, plus its attention FLOPs."""
+        L = len(self.loader)
+        _, _, doc, start, length, _ = self.loader.pieces(batch.epoch, batch.step - batch.epoch * L)
+        whole = (start == 0) & (length == self.doc_len[doc])
+        self.seen[doc] = True
+        self.cut[doc[~whole]] = True
+        real, slots = int(batch.num_tokens), int(labels.shape[0])
+        pads = int((torch.as_tensor(batch.input_ids[:real]) == PAD).sum()) if self.arm.fit == "pad" else 0
+        m = self.model.cfg
+        return [slots, real, int((labels != IGNORE).sum()), slots - real + pads, len(doc), int((~whole).sum()),
+                attention_flops(cu, m.n_layers, m.d_model)]
+
+    def train_step(self) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches; the loss is the token mean over every rank's and
+        micro-batch's labels, so W ranks reproduce one process with the whole batch."""
+        tr = self.cfg.train
+        if self.batches is None:
+            self.batches = iter(self.loader)
+        micro = [next(self.batches) for _ in range(tr.grad_accum)]
+        inputs = [model_inputs(b, self.arm, self.gen, tr.pos_offset_max) for b in micro]
+        local = np.sum([self.account(b, x[4], x[1]) for b, x in zip(micro, inputs)], axis=0)
+        tot = self.ctx.host_sum(*local)                 # dist: one host reduction for all step totals
+        scale = self.ctx.world_size / max(1.0, tot[2])  # DDP averages gradients: this gives the global mean
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at()
+        for i, (tok, cu, ms, pos, lab) in enumerate(inputs):
+            tok, cu, pos, lab = self.ctx.to_device(tok, cu, pos, lab)
+            last = i == len(inputs) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") else \
+                self.train_model.no_sync()
+            with sync, self.autocast():
+                loss = self.train_model(tok, cu, ms, pos, self.rope_scaling, labels=lab,
+                                        loss_chunk=tr.loss_chunk)           # summed CE over this rank's labels
+            (loss * scale).backward()
+            self.loss_sum += loss.detach().double()
+        if tr.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for k, v in zip(ACCT, tot):
+            self.acct[k] += int(v)
+        self.loss_tokens += int(local[2])
+        self.flops += dense_flops(self.num_params, int(tot[0])) + tot[-1]
+        self.step += 1
+
+    def train_until(self, goal: float, bar=None) -> None:
+        """Steps until ``goal`` of the budget (in its unit) is spent, or the run halts."""
+        t0, c0 = time.perf_counter(), _cpu_clock()
+        while self.budget.spent(self) < goal and not self.halted:
+            before = self.budget.spent(self)
+            self.train_step()
+            if bar is not None:
+                bar.update(self.budget.spent(self) - before)
+        if self.cuda:
+            torch.cuda.synchronize(self.ctx.device)   # the evaluation cadence is the only host sync
+        self.train_time += time.perf_counter() - t0
+        self.cpu_time += _cpu_clock() - c0
+
+    # ------------------------------------------------------------------ evaluation and checkpoints
+    def evaluate(self) -> dict:
+        """Validate (the workload's scores), update the OOD rule and the best-ID selection, save checkpoints."""
+        t0 = time.perf_counter()
+        row = self.validate_fn(self)
+        loss, n = self.ctx.host_sum(float(self.loss_sum.item()), self.loss_tokens)   # every rank's, since the last
+        row.update(step=self.step, supervised=self.acct["supervised"], flops=self.flops, train_time=self.train_time,
+                   train_loss=loss / max(1.0, n))
+        self.loss_sum.zero_()
+        self.loss_tokens = 0
+        self.history.append(row)
+        if "ood_score" in row:
+            improved, _ = self.stopper.update(self.step, row["ood_score"], row["learned"], row["noise_sd"])
+            if improved:
+                self.save_weights("best_ood")
+        if row["id"] >= self.best_id:  # ties: the later checkpoint (more training, same ID score)
+            self.best_id, self.best_id_step = row["id"], self.step
+            self.save_weights("best_id")
+        self.evals_done += 1
+        self.eval_time += time.perf_counter() - t0
+        self.save(self.run_dir / "last.pt")
+        return row
+
+    def _meta(self) -> dict:
+        return {"model_config": dict(self.model.cfg.__dict__), "arch": self.cfg.model.arch,
+                "vocab_size": self.model.vocab_size, "arm": self.arm.knobs() | {"name": self.arm.name},
+                "label": self.label, "seed": self.seed, "step": self.step}
+
+    def save_weights(self, which: str) -> None:
+        """Weights only (plus what lengen-eval needs to rebuild the model): best_id.pt, best_ood.pt."""
+        state = self.ctx.model_state(self.model)                # collective under FSDP
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(self._meta() | {"model": state}, self.run_dir / f"{which}.pt")
+        self.ctx.written(self.run_dir / f"{which}.pt")
 
     def state_dict(self) -> dict:
-        return {"model_config": self.model.cfg.__dict__.copy(), "arm": self.arm.knobs() | {"name": self.arm.name},
-                "seed": self.seed, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "torch_rng": torch.get_rng_state(), "offset_rng": self.gen.get_state(),
-                "loader": self.loader.state_dict(), "step": self.step, "acct": dict(self.acct),
-                "seen": self.seen.copy(), "cut": self.cut.copy(), "train_time": self.train_time, "flops": self.flops,
-                "losses": list(self.losses), "history": self.history, "stopper": self.stopper.state_dict(),
-                "best_id": (self.best_id, self.best_id_step)}
+        return self._meta() | {
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
+            "offset_rng": self.gen.get_state(), "loader": self.loader.state_dict(), "acct": dict(self.acct),
+            "seen": self.seen.copy(), "cut": self.cut.copy(), "flops": self.flops, "evals_done": self.evals_done,
+            "times": (self.train_time, self.cpu_time, self.eval_time), "history": self.history,
+            "stopper": self.stopper.state_dict(), "best_id": (self.best_id, self.best_id_step),
+            "loss": (float(self.loss_sum.item()), self.loss_tokens), "budget": self.budget.__dict__}
 
     def save(self, path: Path) -> None:
-        state = self.dist.checkpoint_state(self.state_dict(), self.model, self.opt, self.gen)  # collective
-        if self.dist.is_main:
+        state = self.ctx.checkpoint_state(self.state_dict(), self.model, self.opt, self.gen)  # collective
+        if self.ctx.is_main:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            tmp.replace(path)
-        self.dist.written(path)  # the other ranks may read it next (restore, resume)
+            atomic_torch_save(state, path)
+        self.ctx.written(path)  # the other ranks may read it next (restore, resume)
 
     def load(self, path: Path) -> None:
         ck = read_checkpoint(path)
         check_compatible(ck, self.model.cfg, path)
-        self.dist.check_resume(ck, path)
-        self.dist.load_state(ck, self.model, self.opt, self.gen)  # model, optimizer, this rank's RNG
+        self.ctx.check_resume(ck, path)
+        self.ctx.load_state(ck, self.model, self.opt, self.gen)  # model, optimizer, this rank's RNG
         self.loader.load_state_dict(ck["loader"])
-        self.step, self.acct, self.train_time, self.flops = ck["step"], dict(ck["acct"]), ck["train_time"], ck["flops"]
+        self.batches = None
+        self.step, self.acct, self.flops, self.evals_done = ck["step"], dict(ck["acct"]), ck["flops"], ck["evals_done"]
+        self.train_time, self.cpu_time, self.eval_time = ck["times"]
         self.seen, self.cut = ck["seen"].copy(), ck["cut"].copy()
-        self.losses, self.history = ck["losses"], ck["history"]
+        self.history = ck["history"]
         self.stopper.load_state_dict(ck["stopper"])
         self.best_id, self.best_id_step = ck["best_id"]
+        self.loss_sum.fill_(ck["loss"][0])
+        self.loss_tokens = ck["loss"][1]
 
     def restore(self, which: str) -> bool:
         """Load the weights of checkpoint ``which`` ("best_id" | "best_ood" | "last"); False when absent."""
         path = self.run_dir / f"{which}.pt"
         if not path.exists():
             return False
-        self.dist.load_model(self.model, read_checkpoint(path)["model"])
+        self.ctx.load_model(self.model, read_checkpoint(path)["model"])
         return True
 
-    # ------------------------------------------------------------------ the loop
-    def account(self, batch, labels: torch.Tensor, cu: torch.Tensor) -> list[float]:
-        """This rank's step totals: slots, real tokens, supervised, padding, pieces, cut pieces, attention FLOPs."""
-        L = len(self.loader)
-        _, _, doc, start, length, _ = self.loader.pieces(batch.epoch, batch.step - batch.epoch * L)
-        whole = (start == 0) & (length == self.doc_len[doc])
-        self.seen[doc] = True
-        self.cut[doc[~whole]] = True
-        real = int(batch.num_tokens)
-        slots = int(labels.shape[0])
-        pads = int((torch.as_tensor(batch.input_ids[:real]) == PAD).sum())
-        m = self.model.cfg
-        return [slots, real, int((labels != IGNORE).sum()), slots - real + pads, len(doc), int((~whole).sum()),
-                attention_flops(cu, m.n_layers, m.d_model)]
-
-    def fit(self, progress: bool = True, desc: str = "", until: int | None = None) -> "Trainer":
-        """Train until the budget is spent (or the step cap, or step ``until``). Progress (rank 0 only): a tqdm
-        bar on a terminal, otherwise a plain line every few seconds plus one per evaluation (lengen_fast.progress)."""
-        from ..progress import progress as progress_bar
-
-        tr, model = self.cfg.train, self.model
-        model.train()
-        bar = progress_bar(total=self.schedule_steps, initial=self.step, desc=desc or f"{self.arm.name} s{self.seed}",
-                           enabled=progress and self.dist.is_main)
-        batches = iter(self.loader)
-        while not self.done() and (until is None or self.step < until):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            tokens, cu, max_seqlen, positions, labels = model_inputs(batch, self.arm, self.gen, tr.pos_offset_max)
-            local = self.account(batch, labels, cu)
-            tokens, cu, positions, labels = self.dist.to_device(tokens, cu, positions, labels)
-            for g in self.opt.param_groups:
-                g["lr"] = self.lr_at(self.step)
-            logits = self.train_model(tokens, cu, max_seqlen, positions, rope_scaling=self.rope_scaling)  # (N, V)
-            loss, loss_value = self.dist.token_mean_loss(logits, labels)  # dist: mean over all ranks' tokens
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tr.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-            self.opt.step()
-            self.step += 1
-            tot = self.dist.all_sum(*local)                 # dist: one reduction for all step totals
-            for k, v in zip(self.acct, tot):
-                self.acct[k] += int(v)
-            self.flops += dense_flops(model.num_params(), int(tot[0])) + tot[-1]
-            self.losses.append(loss_value.item())
-            self.train_time += time.perf_counter() - t0
-            bar.set_postfix(loss=f"{self.losses[-1]:.3f}", tok_s=f"{self.acct['tokens'] / self.train_time:,.0f}")
-            bar.update(1)
-            if self.step % tr.eval_every == 0 or self.done():
-                res = self.evaluate()
-                bar.event("eval", loss=f"{self.losses[-1]:.3f}", id=f"{res['id']:.2f}", ood=f"{res['ood']:.2f}")
-        bar.close()
-        return self
-
     def accounting(self) -> dict:
-        """The arm's budget accounting (call after ``fit``): every count is global over ranks."""
-        seen, cut = self.dist.union(self.seen), self.dist.union(self.cut)
+        """The run's budget accounting: every count is global over ranks."""
+        seen, cut = self.ctx.union(self.seen), self.ctx.union(self.cut)
         a = dict(self.acct)
-        a.update(steps=self.step, flops=self.flops, epochs=self.step / max(1, len(self.loader)),
+        spent = self.budget.spent(self)
+        a.update(steps=self.step, flops=self.flops, epochs=a["tokens"] / max(1, int(self.doc_len.sum())),
                  documents=int(len(self.doc_len)), documents_seen=int(seen.sum()), documents_cut=int(cut.sum()),
-                 padding_frac=a["padding"] / max(1, a["slots"]), steps_per_epoch=len(self.loader))
-        if self.budget is not None:
-            a.update(budget_kind=self.budget[0], budget=self.budget[1], spent=self.spent(),
-                     budget_met=self.spent() >= self.budget[1])
+                 padding_frac=a["padding"] / max(1, a["slots"]), steps_per_epoch=len(self.loader),
+                 budget_kind=self.budget.kind, budget=self.budget.amount, spent=spent,
+                 budget_met=spent >= self.budget.amount, step_cap=self.budget.max_steps)
         return a
 
 
@@ -296,7 +360,7 @@ def read_checkpoint(path) -> dict:
 
 
 def check_compatible(ck: dict, model_cfg, path) -> None:
-    mine = model_cfg.__dict__
+    mine = dict(model_cfg.__dict__)
     if ck.get("model_config") != mine:
         theirs = ck.get("model_config") or {}
         diff = {k: (theirs.get(k), mine.get(k)) for k in set(mine) | set(theirs) if theirs.get(k) != mine.get(k)}
