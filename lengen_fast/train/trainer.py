@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from ..fsio import atomic_torch_save
-from ..reference import doc_ids_from_cu_seqlens, positions_from_cu_seqlens
 from . import distributed
 from .arms import ArmConfig
 from .evaluate import EarlyStopper
@@ -84,11 +83,13 @@ def model_inputs(batch, arm: ArmConfig, gen: torch.Generator | None = None, pos_
     row_cu = torch.as_tensor(batch.row_cu_seqlens, dtype=torch.int32)
     doc_cu = torch.as_tensor(batch.cu_seqlens, dtype=torch.int32)
     cu = row_cu if arm.attention == "row" else doc_cu
-    pos_cu = row_cu if arm.positions == "row" else doc_cu
-    positions = positions_from_cu_seqlens(pos_cu, N)
-    seg = doc_ids_from_cu_seqlens(pos_cu, N)
-    nseg = pos_cu.numel() - 1
-    positions = torch.where(seg < nseg, positions, torch.zeros_like(positions))      # tail padding -> 0
+    pos_cu = (row_cu if arm.positions == "row" else doc_cu).long()
+    nseg, real = pos_cu.numel() - 1, int(pos_cu[-1])
+    lens = pos_cu[1:] - pos_cu[:-1]
+    seg = torch.full((N,), nseg, dtype=torch.int64)                                  # tail padding: segment nseg
+    seg[:real] = torch.repeat_interleave(torch.arange(nseg), lens)
+    positions = torch.zeros(N, dtype=torch.int64)                                    # tail padding -> 0
+    positions[:real] = torch.arange(real) - pos_cu[:-1].repeat_interleave(lens)
     if gen is not None and pos_offset_max > 0:
         off = distributed.context().segment_offsets(pos_offset_max + 1, nseg, gen)  # dist: rank-invariant
         positions = positions + torch.where(seg < nseg, off[seg.clamp(max=nseg)], torch.zeros_like(positions))
