@@ -29,6 +29,16 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _nearly_full(d: Path) -> bool:
+    """Less than 64 KiB (or 0.1%) free on ``d``'s filesystem."""
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return False
+    free = st.f_bavail * st.f_frsize
+    return free < max(64 << 10, st.f_blocks * st.f_frsize // 1000)
+
+
 def atomic_write(path, write: Callable, *, binary: bool = True, fsync: bool = True) -> Path:
     """Write ``path`` through ``write(f)`` (f: an open file object) atomically; returns the path.
 
@@ -44,13 +54,16 @@ def atomic_write(path, write: Callable, *, binary: bool = True, fsync: bool = Tr
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
+        # some writers (torch.save's zip writer) turn ENOSPC into their own error: look at the disk before the
+        # partial temporary file is removed and frees its space again
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or _nearly_full(path.parent)
         try:
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(e.errno, f"no space left on the device while writing {str(path)!r} (nothing was "
-                                   "written there; any previous version is unchanged)", str(path)) from e
+        if full and not isinstance(e, KeyboardInterrupt):
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {str(path)!r} (nothing was "
+                                        "written there; any previous version is unchanged)", str(path)) from e
         raise
     if fsync:
         _fsync_dir(path.parent)

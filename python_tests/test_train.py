@@ -586,7 +586,12 @@ def test_resume_needs_the_run_and_the_same_config(tmp_path, capsys):
     assert cli.main(argv + ["--resume", "--d-model", "64", "--lr", "0.001"]) == 2
     err = capsys.readouterr().err
     assert "model.d_model: 32 (run) != 64 (now)" in err and "train.lr: 0.003 (run) != 0.001 (now)" in err
-    assert cli.main(argv + ["--resume", "--progress"]) == 0
+    for flags, says in ((["--seeds", "0,1"], "train.seeds: [0] (run) != [0, 1] (now)"),
+                        (["--budget-tokens", "5000"], "train.budget_tokens: 0 (run) != 5000 (now)"),
+                        (["--arms", "pack_naive"], "train.arms: ['pack_masked'] (run) != ['pack_naive'] (now)")):
+        assert cli.main(argv + ["--resume", *flags]) == 2
+        assert says in capsys.readouterr().err
+    assert cli.main(argv + ["--resume", "--progress", "--workers", "2"]) == 0   # settings that change no result
     (out / "seeds" / "seed_0.json").unlink()                        # not finished: continue from the checkpoint
     (out / "ckpt" / "pack_masked_s0" / "last.pt").write_bytes(b"\x00garbage")
     assert cli.main(argv + ["--resume"]) == 2

@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lengen-train: error: {e}", file=sys.stderr)
         return 2
     if spawn:  # dist: lengen-train --nproc N relaunches itself as N torchrun workers
-        return distributed.launch(cfg.dist.nproc, argv)
+        from .launch import launch
+        return launch(cfg.dist.nproc, argv)
     try:  # dist: every rank trains and evaluates; rank 0 alone prints and writes
         return run_plan(plan, ctx.is_main)
     except (ValueError, OSError) as e:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
-import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -396,11 +394,25 @@ def init_distributed(backend: str = "auto", parallel: str = "ddp", device: str =
     if name == "nccl":
         device_ = torch.device("cuda", local_rank)
         torch.cuda.set_device(device_)
-    if not dist.is_initialized():
-        dist.init_process_group(name, rank=rank, world_size=world,
+    if not dist.is_initialized():  # a bounded collective timeout: a survivor of a dead rank errors, never hangs
+        dist.init_process_group(name, rank=rank, world_size=world, timeout=collective_timeout(),
                                 **({"device_id": device_} if name == "nccl" else {}))
     _CTX = DistContext(rank, world, local_rank, local_world, name, parallel, device_)
     return _CTX
+
+
+def collective_timeout():
+    """$LENGEN_DIST_TIMEOUT_S (default 600 s): how long a collective waits for a rank that never arrives. torchrun's
+    agent stops the survivors of a dead worker within about a second on one node; this bounds every other case."""
+    import datetime
+    v = os.environ.get("LENGEN_DIST_TIMEOUT_S", "600")
+    try:
+        s = float(v)
+        if not s > 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"LENGEN_DIST_TIMEOUT_S must be a positive number of seconds, got {v!r}") from None
+    return datetime.timedelta(seconds=s)
 
 
 def shutdown() -> None:
@@ -409,20 +421,3 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     _CTX = DistContext()
-
-
-def launch(nproc: int, argv: list[str]) -> int:
-    """``lengen-train --nproc N``: run N local workers of ``python -m lengen_fast.train argv`` with
-    torchrun's launcher (torch.distributed.launcher) and a c10d rendezvous on a free loopback port."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                      rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        elastic_launch(lc, entrypoint=sys.executable)("-u", "-m", "lengen_fast.train", *argv)
-    except ChildFailedError as e:
-        print(f"lengen-train: error: a worker failed:\n{e}", file=sys.stderr)
-        return 1
-    return 0
