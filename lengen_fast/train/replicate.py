@@ -77,8 +77,8 @@ def markdown(res: dict, a_dir, b_dir, what: str) -> str:
              *[f"- verdicts moved {k}: {v}" for k, v in res["moved"].items()],
              f"- point estimates outside the other run's 95% interval: {res['outside_other_interval']} "
              f"(of {2 * res['compared']} estimates)",
-             f"- headline: {h['holds_a']} held in the original, {h['holds_survived']} still hold; "
-             f"{h['holds_to_opposite']} moved between holds and opposite\n",
+             f"- headline: {h['holds_a']} held in the original, {h['holds_survived']} still hold; {h['moved']} of "
+             f"{h['compared']} verdicts moved, {h['holds_to_opposite']} of them between holds and opposite\n",
              "| comparison | original | verdict | re-run | verdict |", "|---|---|---|---|---|"]
     for r in res["rows"]:
         mark = " ⚠" if r["moved"] else ""
