@@ -122,8 +122,8 @@ def _load_hf(path: Path, tokenizer, dtype, device) -> LoadedModel:
 
     try:
         m = load_hf_model(path, dtype=dtype, device=device)
-    except (ValueError, OSError, KeyError) as e:
-        raise EvalError(f"{str(path)!r}: transformers cannot load it as a causal LM: {e}") from e
+    except Exception as e:  # noqa: BLE001 - transformers raises anything from a bad config: name the directory
+        raise EvalError(f"{str(path)!r}: transformers cannot load it as a causal LM: {type(e).__name__}: {e}") from e
     config = m.hf.config.get_text_config() if hasattr(m.hf.config, "get_text_config") else m.hf.config
     try:
         rope = rope_config_from_hf(config)

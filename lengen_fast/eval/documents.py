@@ -120,19 +120,31 @@ def load_documents(tokenizer, *, data: str, n_docs: int, context: int, max_len: 
                         "tokenizer; pass --data with longer documents or a smaller --context")
     notes = [] if has_held else ["lengen-train's hold-out rule was not importable: files are in hash order only"]
     root = Path(sysconfig.get_paths()["stdlib"]).name
-    return Documents([toks[i] for i in keep], [names[i] for i in keep], np.concatenate(hay), 
+    hay = np.concatenate(hay) if hay else np.zeros(0, dtype=np.int64)
+    return Documents([toks[i] for i in keep], [names[i] for i in keep], hay,
                      f"embedded corpus: Python standard library files ({root}), tokenized with the model's tokenizer",
                      bos, notes)
 
 
 def _from_prepared(path: Path, tokenizer, lead, n_docs, max_len, need_last, need_ood, haystack_len, seed) -> Documents:
-    from ..data.prepare import check_manifest
-    from ..data.source import open_tokens
+    from ..data.prepare import check_manifest, load_tokenizer, read_manifest, tokenizer_fingerprint
+    from ..data.source import MANIFEST_NAME, open_tokens
 
     try:
-        check_manifest(path, tokenizer=tokenizer)
+        m = read_manifest(path)
+        theirs = m["tokenizer"]
+        mine = tokenizer_fingerprint(load_tokenizer(tokenizer), bool(theirs.get("add_special_tokens")))
+        if mine != theirs.get("fingerprint"):
+            raise EvalError(f"--data {str(path)!r}: {MANIFEST_NAME} says the corpus was tokenized with "
+                            f"{theirs.get('source')!r} (fingerprint {theirs.get('fingerprint')}), but the model's "
+                            f"tokenizer is {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+                            f"(fingerprint {mine}); the token ids would mean other text. Prepare the corpus with "
+                            "`lengen-data prepare --tokenizer MODEL_DIR`")
+        check_manifest(path)
         src = open_tokens(path)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TypeError) as e:
+        if isinstance(e, EvalError):
+            raise
         raise EvalError(f"--data {str(path)!r}: {e}") from e
     lengths = np.asarray(src.lengths, dtype=np.int64) + len(lead)
     order = np.random.default_rng(seed).permutation(len(src))
