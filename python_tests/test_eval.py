@@ -271,3 +271,11 @@ def test_bad_flags_name_themselves(tiny):
                       (EvalConfig(model=str(tiny["mistral"]), passkey_depths=[1.5]), "--passkey-depths")):
         with pytest.raises(EvalError, match=flag):
             evaluate(cfg)
+
+
+def test_packing_keeps_length_dependent_arms_one_length_per_forward():
+    from lengen_fast.eval.runner import groups
+
+    assert groups([5, 5, 7, 5, 3], 100, per_length=False) == [[0, 1, 2, 3, 4]]
+    assert groups([5, 5, 7, 5, 3], 12, per_length=False) == [[0, 1], [2, 3], [4]]
+    assert groups([5, 5, 7, 5, 3], 100, per_length=True) == [[4], [0, 1, 3], [2]]   # dynamic NTK: seq_len per doc

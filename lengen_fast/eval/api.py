@@ -58,7 +58,7 @@ def prepare(cfg: EvalConfig):
     if len(set(edges)) != len(edges):
         raise EvalError(f"--multiples {cfg.multiples} x L = {L} give empty buckets {edges}")
     max_len = edges[-1]
-    if lm.hard_max_positions is not None and max_len > lm.hard_max_positions:
+    if lm.hard_max_positions is not None and max_len >= lm.hard_max_positions:  # inputs sit at 0..max_len
         raise EvalError(f"--multiples: positions up to {max_len} exceed this model's learned position table "
                         f"(max_positions = {lm.hard_max_positions}); lower --multiples or --context")
     factor = cfg.factor if cfg.factor is not None else float(max(max(cfg.multiples), 1.0))
