@@ -216,7 +216,7 @@ def build_model(plan) -> nn.Module:
     m = plan.cfg.model
     if m.arch.startswith("hf:"):
         from ..integrations.hf.engine_model import load_hf_model
-        model = load_hf_model(m.arch[3:])
+        model = load_hf_model(m.arch[3:])       # its own random initialization (torch.manual_seed(seed) before)
         if model.vocab_size < plan.vocab:
             raise ValueError(f"model.arch={m.arch!r}: its vocabulary ({model.vocab_size}) is smaller than the "
                              f"workload's ({plan.vocab} token ids)")

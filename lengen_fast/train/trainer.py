@@ -278,7 +278,7 @@ class Run:
     def _meta(self) -> dict:
         return {"model_config": dict(self.model.cfg.__dict__), "arch": self.cfg.model.arch,
                 "vocab_size": self.model.vocab_size, "arm": self.arm.knobs() | {"name": self.arm.name},
-                "label": self.label, "seed": self.seed, "step": self.step}
+                "label": self.label, "seed": self.seed, "step": self.step, "context": self.seq_len}
 
     def save_weights(self, which: str) -> None:
         """Weights only (plus what lengen-eval needs to rebuild the model): best_id.pt, best_ood.pt."""
@@ -292,7 +292,8 @@ class Run:
         return self._meta() | {
             "model": self.model.state_dict(), "opt": self.opt.state_dict(), "torch_rng": torch.get_rng_state(),
             "offset_rng": self.gen.get_state(), "loader": self.loader.state_dict(), "acct": dict(self.acct),
-            "seen": self.seen.copy(), "cut": self.cut.copy(), "flops": self.flops, "evals_done": self.evals_done,
+            "seen": torch.from_numpy(self.seen.copy()), "cut": torch.from_numpy(self.cut.copy()), "flops": self.flops,
+            "evals_done": self.evals_done,
             "times": (self.train_time, self.cpu_time, self.eval_time), "history": self.history,
             "stopper": self.stopper.state_dict(), "best_id": (self.best_id, self.best_id_step),
             "loss": (float(self.loss_sum.item()), self.loss_tokens), "budget": self.budget.__dict__}
@@ -313,7 +314,7 @@ class Run:
         self.batches = None
         self.step, self.acct, self.flops, self.evals_done = ck["step"], dict(ck["acct"]), ck["flops"], ck["evals_done"]
         self.train_time, self.cpu_time, self.eval_time = ck["times"]
-        self.seen, self.cut = ck["seen"].copy(), ck["cut"].copy()
+        self.seen, self.cut = np.asarray(ck["seen"]).copy(), np.asarray(ck["cut"]).copy()   # (torch bool tensors)
         self.history = ck["history"]
         self.stopper.load_state_dict(ck["stopper"])
         self.best_id, self.best_id_step = ck["best_id"]

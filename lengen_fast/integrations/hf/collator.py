@@ -8,6 +8,7 @@ It needs numpy and torch only, not transformers.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,10 @@ class PackedCollator:
     ``cu_seqlens`` and next-token ``labels``), alone or as a list of one, yields what
     DataCollatorWithFlattening would yield on its documents; zero-length documents and tokens after
     ``cu_seqlens[-1]`` are dropped.
+
+    Items of ``vsl_dataset`` (StepRefs, any number per call) become their ranks' loader batches concatenated,
+    padding kept (the padding is its own segment, labels -100), and only the (1, T) tensors ``input_ids``,
+    ``labels`` and ``position_ids``: every rank then has the same T, as accelerate's batch dispatching needs.
     """
 
     return_position_ids: bool = True
@@ -78,6 +83,8 @@ class PackedCollator:
         if len(features) == 0:
             raise ValueError("PackedCollator: features must be a non-empty list of rows or a pipeline batch")
         pipeline = _pipeline_fields(features[0]) if len(features) == 1 else None
+        if hasattr(features[0], "batch") and hasattr(features[0], "rank"):
+            return self._from_steps(features, return_tensors, separator_id)
         if pipeline is not None:
             ids, labels, lengths = self._from_pipeline(pipeline)
         else:
@@ -97,6 +104,34 @@ class PackedCollator:
             if isinstance(val, np.ndarray):
                 val = val[None] if key in ("input_ids", "labels", "position_ids", "seq_idx") else val
                 batch[key] = torch.from_numpy(np.ascontiguousarray(val)) if return_tensors == "pt" else val
+        return batch
+
+    def _from_steps(self, refs, return_tensors: str, separator_id: int) -> dict:
+        if len(refs) > 1 and not getattr(self, "_warned_steps", False):
+            self._warned_steps = True
+            warnings.warn(f"PackedCollator: {len(refs)} vsl_dataset items per batch (per_device_train_batch_size="
+                          f"{len(refs)}) pack {len(refs)} consecutive loader steps, possibly of different buckets, "
+                          "into one forward; set per_device_train_batch_size=1 for one bucket per step", stacklevel=2)
+        ids, labels, pos = [], [], []
+        for i, ref in enumerate(refs):
+            if not (hasattr(ref, "batch") and hasattr(ref, "rank")):
+                raise ValueError(f"PackedCollator: features[{i}] is a {type(ref).__name__}, but features[0] came from "
+                                 "vsl_dataset; do not mix vsl_dataset items with other rows")
+            b = ref.batch()
+            n = int(b.input_ids.numel())
+            x, y, lengths = self._from_pipeline({"input_ids": b.input_ids, "labels": b.labels,
+                                                 "cu_seqlens": b.cu_seqlens})
+            total = x.size
+            starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+            y[starts] = separator_id
+            p = np.arange(total) - np.repeat(starts, lengths) + self.position_ids_start
+            ids += [x, b.input_ids.numpy()[total:].astype(np.int64)]
+            labels += [y, np.full(n - total, -100, dtype=np.int64)]                 # padding: its own segment
+            pos += [p, np.arange(n - total) + self.position_ids_start]
+        batch = {"input_ids": np.concatenate(ids)[None], "labels": np.concatenate(labels)[None],
+                 "position_ids": np.concatenate(pos)[None]}
+        if return_tensors == "pt":
+            batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
         return batch
 
     @staticmethod

@@ -1,14 +1,23 @@
 """How does a transformers model rotate q and k with lengen_fast.apply_rope instead of its cos/sin cache?
 
     hf.patch_rope(model)                            # optional, after building the model
+    hf.patch_rope(model, scaling=RopeScaling("yarn", 4.0, 4096))    # the same, with a context extension
+    with hf.rope_scaling_override(model, RopeScaling("linear", 2.0)): ...   # for some forwards only
 
 ``patch_rope`` reads the model's RoPE config, checks our frequencies, attention factor and rotation layout
 against the model's own rotary code, then makes the rotary embedding hand out positions
 (``_RopePositions``) and wraps the modeling module's ``apply_rotary_pos_emb`` to rotate q and k in one op.
 A model we would rotate differently raises ValueError instead of being patched.
+
+A scaling given to ``patch_rope`` or ``rope_scaling_override`` replaces the config's one at run time (the
+config is not touched: transformers 5 reads ``config.rope_parameters`` only when the rotary module is built, so
+setting ``config.rope_scaling`` after ``from_pretrained`` silently changes nothing). ``rope_check`` compares
+such a scaling with transformers' own rotary embedding built with the equivalent config.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 
 import torch
@@ -60,33 +69,66 @@ def _rope_config(config):
 
     The rotary dim is dropped from the scaling: patch_rope takes it from the model's inv_freq buffer.
     """
-    import dataclasses
-
     from ...rope import rope_config_from_hf
 
     base, scaling, _, _ = rope_config_from_hf(config)
     return base, dataclasses.replace(scaling, partial_rotary_factor=None)
 
 
-def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
+def rotary_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's one rotary embedding module (with an ``inv_freq`` buffer); ValueError otherwise."""
+    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+    if len(rotaries) != 1 or not isinstance(getattr(rotaries[0], "inv_freq", None), torch.Tensor):
+        raise ValueError(f"lengen_fast.patch_rope: expected one rotary embedding module with inv_freq, found "
+                         f"{[type(m).__name__ for m in rotaries]} in {type(model).__name__}")
+    return rotaries[0]
+
+
+def _as_override(scaling):
+    """A RopeScaling for run time: the rotary dim is the model's (from its inv_freq), so it is dropped here."""
+    from ...rope import RopeScaling
+
+    if scaling is None:
+        return None
+    if not isinstance(scaling, RopeScaling):
+        raise TypeError(f"lengen_fast.patch_rope: scaling must be a lengen_fast.RopeScaling or None, got "
+                        f"{type(scaling).__name__} (RopeScaling.from_hf(dict) reads a transformers rope dict)")
+    return dataclasses.replace(scaling, partial_rotary_factor=None)
+
+
+@contextlib.contextmanager
+def rope_scaling_override(model: torch.nn.Module, scaling):
+    """Within the block, a patched model rotates with ``scaling`` (a RopeScaling; None: the patched default)."""
+    rot = rotary_module(model)
+    if not getattr(rot, "_lengen_patched", False):
+        raise ValueError("rope_scaling_override needs a model patched by lengen_fast's patch_rope(model) first")
+    old = rot._lengen_override
+    rot._lengen_override = _as_override(scaling)
+    try:
+        yield model
+    finally:
+        rot._lengen_override = old
+
+
+def patch_rope(model: torch.nn.Module, scaling=None) -> torch.nn.Module:
     """Replace the model's rotary application with lengen_fast.apply_rope (fused, fp32 angles, no cos/sin cache).
 
     The rotary embedding module then returns the position ids, and the attention layers' calls to
     ``apply_rotary_pos_emb`` rotate q and k in one op. The model's own RoPE config goes through
     ``RopeScaling.from_hf``; before patching, the frequencies, attention factor and rotation layout
     are checked against the model's own rotary code, and a model we would rotate differently raises
-    ValueError. Returns the model (patched in place).
+    ValueError. ``scaling`` (a RopeScaling): rotate with it instead of the config's scaling from now on
+    (``rope_check.check_scaling`` compares it with transformers' code). Returns the model (patched in place).
     """
     from ...reference import rope_cos_sin_ref
     from ...rope import rope_frequencies
 
     _transformers()
-    rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
-    if len(rotaries) != 1 or not isinstance(getattr(rotaries[0], "inv_freq", None), torch.Tensor):
-        raise ValueError(f"lengen_fast.patch_rope: expected one rotary embedding module with inv_freq, found "
-                         f"{[type(m).__name__ for m in rotaries]} in {type(model).__name__}")
-    rot = rotaries[0]
+    rot = rotary_module(model)
+    override = _as_override(scaling)
     if getattr(rot, "_lengen_patched", False):
+        if scaling is not None:
+            rot._lengen_default = override
         return model
     # the undecorated forward: 4.56-4.57 wrap attention forwards in @deprecate_kwarg, whose globals are not the model's
     forwards = {m: inspect.unwrap(type(m).forward) for m in model.modules()}
@@ -121,8 +163,10 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
         hf_cos = rot(torch.zeros(1, dtype=torch.float32, device=rot.inv_freq.device),
                      pos[None, :4].to(rot.inv_freq.device))[0][0].float().cpu()            # (4, rotary_dim)
     interleaved = None
+    originals = []
     for g in globals_.values():
         original = getattr(g["apply_rotary_pos_emb"], "_lengen_original", g["apply_rotary_pos_emb"])
+        originals.append(original)
         interleaved = None
         for inter in (False, True):
             cos, sin = rope_cos_sin_ref(pos, inv.float(), factor, interleaved=inter)
@@ -149,8 +193,13 @@ def patch_rope(model: torch.nn.Module) -> torch.nn.Module:
             g["apply_rotary_pos_emb"] = _wrap_apply(g["apply_rotary_pos_emb"])
 
     def forward(x, position_ids, *args, **kwargs):
-        return _RopePositions(position_ids, base, scaling, rotary_dim, interleaved), None
+        s = rot._lengen_override if rot._lengen_override is not None else rot._lengen_default
+        return _RopePositions(position_ids, base, s, rotary_dim, interleaved), None
 
     rot.forward = forward
+    rot._lengen_default = scaling if override is None else override   # what forward uses outside an override
+    rot._lengen_override = None
+    rot._lengen_rope = {"base": base, "config_scaling": scaling, "rotary_dim": rotary_dim, "head_dim": head_dim,
+                        "interleaved": interleaved, "apply_fn": originals[0]}   # what rope_check compares with
     rot._lengen_patched = True
     return model
