@@ -167,3 +167,44 @@ def test_lm_nproc_2_end_to_end(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["run"]["processes"]["world_size"] == 2 and rep["workload"] == "corpus"
     assert all(r["accounting"]["supervised"] >= 2048 for r in rep["runs"])
+
+
+# ------------------------------------------------------------------------------------------ HF models (issue 21)
+@pytest.mark.parametrize("model", ["hf", "lengen"])
+def test_hf_architecture_or_our_model_trains_exports_and_lengen_eval_reads_it(tmp_path, model):
+    """`lengen-train lm --model hf:PATH --out X` then `lengen-eval X/ckpt/<arm>_s0/hf` (and our swiglu model)."""
+    from lengen_fast.eval.cli import main as eval_main
+    argv = LM_TINY + ["--seeds", "0", "--workers", "1", "--out", str(tmp_path / "run")]
+    if model == "hf":
+        from transformers import LlamaConfig
+        LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, max_position_embeddings=512).save_pretrained(tmp_path / "cfg")
+        argv += ["--model", f"hf:{tmp_path / 'cfg'}"]
+    else:
+        argv += ["--mlp", "swiglu"]
+    assert cli.main(argv) == 0
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["config"]["model"]["arch"] == ("hf:" + str(tmp_path / "cfg") if model == "hf" else "lengen")
+    assert all(math.isfinite(r["final_val_loss"]) for r in rep["runs"])
+    assert not any("not exported" in n for n in rep["notes"])
+    exported = tmp_path / "run" / "ckpt" / "dd_natural_s0" / "hf"
+    assert json.loads((exported / "lengen_export.json").read_text())["context"] == 128
+    assert eval_main([str(exported), "--out", str(tmp_path / "ev"), "--docs", "2", "--passkey-trials", "1",
+                      "--scaling", "none,yarn", "--no-progress"]) == 0
+    assert "trained context L = 128 (lengen_export.json" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_gelu_model_is_not_exported_and_the_report_says_why(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(LM_TINY + ["--seeds", "0", "--workers", "1", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert any("not exported as a Llama checkpoint: Llama needs mlp=swiglu" in n for n in rep["notes"])
+    assert not (out / "ckpt" / "concat_s0" / "hf").exists()
+
+
+def test_hf_model_that_cannot_be_built_is_named(tmp_path, capsys):
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text('{"model_type": "no_such_model"}')
+    assert cli.main(LM_TINY + ["--model", f"hf:{tmp_path / 'cfg'}", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "model.arch='hf:" in err and "cannot build that model" in err

@@ -7,7 +7,7 @@
     (only those two keys are read, with ``weights_only=True``: a checkpoint is an untrusted file).
 Either way the result's ``model`` has our Transformer's forward signature plus ``logits_at`` (logits at chosen
 flat positions only), so the evaluation code never branches on the kind.
-The trained context L: ``--context``, else the config's rope ``original_max_position_embeddings`` when it
+The trained context L: ``--context``, else an export's lengen_export.json, else the config's rope ``original_max_position_embeddings`` when it
 has a scaling, else ``max_position_embeddings``; our .pt files record it under "context" (lengen-train's seq_len).
 """
 from __future__ import annotations
@@ -136,6 +136,13 @@ def _load_hf(path: Path, tokenizer, dtype, device) -> LoadedModel:
     rot = rotary_module(m.hf)
     info = rot._lengen_rope                     # what patch_rope found: base, rotary dim, layout, apply function
     L, src = _hf_context(config)
+    exp = path / "lengen_export.json"          # written by export_llama / lengen-train: the context it trained at
+    if exp.is_file():
+        import json
+        try:
+            L, src = int(json.loads(exp.read_text())["context"]), "lengen_export.json (the training context)"
+        except (ValueError, KeyError, TypeError) as e:
+            raise EvalError(f"{str(exp)!r} is not a valid export record (needs an int 'context'): {e}") from e
     tok = _tokenizer(tokenizer or path, path)
     return LoadedModel(model=m, tokenizer=tok, kind="hf", path=path, name=path.name, context=L, context_source=src,
                        hard_max_positions=None, has_rope=True, hf_config=config, rotary_cls=type(rot),

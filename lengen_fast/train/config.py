@@ -126,6 +126,8 @@ class TrainConfig:
     wall_budget_s: float = opt(0.0, "seeds auto: stop adding seeds when the next round would pass this (0 = none)")
     workers: int = opt(0, "parallel seed worker processes (0 = one per core, at most one per seed)")
     threads: int = opt(1, "torch threads per worker (results do not depend on the worker count)")
+    export: bool = opt(True, "corpus: also save each final model as a Hugging Face checkpoint directory "
+                             "ckpt/<arm>_s<seed>/hf (Llama layout for our swiglu RoPE decoder; --model hf: its own)")
     compile: bool = opt(False, "torch.compile the training model")
     loss_chunk: int = opt(4096, "rows of logits per chunk of the loss (no (N, V) logits are held)")
     attn_backend: str = opt("", "attention backend ('' = lengen_fast.backends' default)")

@@ -83,6 +83,10 @@ def run_seed(plan: Plan, seed: int, log=print, tty: bool | None = None) -> dict:
     for r in runs:
         test = {"final": W.test(r.model, seed)}
         summary = summarize(plan, r, W.extras(r, seed))
+        if cfg.train.export and cfg.workload == "corpus" and r.arm in plan.arms:
+            note = export_final(plan, W, r)
+            if note:
+                result["notes"].append(note)
         if ext is not None and r.arm.name == ext.arm.name:
             result["extension"] = run_extension(plan, W, r, seed, log, result["notes"])
         for which in ("best_id", "best_ood"):
@@ -149,6 +153,28 @@ def run_extension(plan: Plan, W, base: Run, seed: int, log, notes: list) -> list
         log(f"extension {kind} seed {seed}: fine-tuned {ft.step} steps at {ext.seq_len} tokens "
             f"({rows[-1]['compute_frac']:.3f} of the pretraining FLOPs)")
     return rows
+
+
+def export_final(plan: Plan, W, r: Run) -> str | None:
+    """The run's final model as a Hugging Face checkpoint directory ``<run_dir>/hf`` that transformers and
+    lengen-eval load (rank 0; atomic). Returns a note when it cannot be exported."""
+    from ..integrations.hf.export import export_llama, save_pretrained_dir
+    m, ctx = plan.cfg.model, r.ctx
+    if ctx.fsdp:
+        return f"{r.label} seed {r.seed}: not exported as a Hugging Face checkpoint (FSDP-sharded weights)"
+    if not ctx.is_main:
+        return None
+    tok = W.tokenizer()
+    if m.arch.startswith("hf:"):
+        from ..integrations.hf.export import byte_tokenizer
+        save_pretrained_dir(r.model.hf, r.run_dir / "hf", byte_tokenizer() if tok == "bytes" else tok, plan.seq_len,
+                            source=m.arch, overwrite=True)
+    elif m.mlp != "swiglu" or m.pos_encoding != "rope":
+        return (f"{r.label} seed {r.seed}: not exported as a Llama checkpoint: Llama needs mlp=swiglu and RoPE "
+                f"(this run: mlp={m.mlp}, positions={m.pos_encoding}); use --mlp swiglu to export")
+    else:
+        export_llama(r.model, r.run_dir / "hf", tokenizer=tok, context=plan.seq_len, overwrite=True)
+    return None
 
 
 def _peak_flops(plan: Plan) -> float | None:

@@ -26,7 +26,7 @@ from .trainer import Budget
 CONFIG_FILE = "config.json"     # under --out: the config a run started with (what --resume compares)
 # fields that do not change any (arm, seed) result: a resume may change them. (The world size is checked against
 # each checkpoint instead, with its own message: dist.nproc and dist.dist_backend are free here.)
-RESUME_FREE = ("out", "resume", "progress", "train.workers", "train.seeds_auto", "train.mde", "train.max_seeds",
+RESUME_FREE = ("out", "resume", "progress", "train.workers", "train.export", "train.seeds_auto", "train.mde", "train.max_seeds",
                "train.wall_budget_s", "dist.nproc", "dist.dist_backend")
 EXT_DEFAULT_ARM = {"tasks": "pack_masked", "corpus": "dd_natural"}
 
@@ -66,7 +66,10 @@ def param_count(cfg: RunConfig, vocab: int) -> int:
     from .model import Transformer
     if cfg.model.arch.startswith("hf:"):
         from ..integrations.hf.engine_model import load_hf_model
-        return load_hf_model(cfg.model.arch[3:]).num_params()
+        try:
+            return load_hf_model(cfg.model.arch[3:]).num_params()
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"model.arch={cfg.model.arch!r}: cannot build that model: {e}") from None
     return Transformer(cfg.model, vocab).num_params()
 
 

@@ -368,5 +368,16 @@ class CorpusWorkload:
     def extras(self, run, seed: int) -> dict:
         return {}
 
+    def tokenizer(self):
+        """The tokenizer of the corpus, for an exported checkpoint: the byte tokenizer of the embedded corpus, a
+        prepared directory's tokenizer.json, else None (exported without one)."""
+        if not self.cfg.corpus.corpus:
+            return "bytes"
+        d = getattr(self.corpus.train, "prepared_dir", None)
+        if d is not None and (d / "tokenizer.json").is_file():
+            from transformers import PreTrainedTokenizerFast
+            return PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"))
+        return None
+
 
 WORKLOADS = {"tasks": TaskWorkload, "corpus": CorpusWorkload}

@@ -180,8 +180,8 @@ def _read_config(path: Path):
 def load_hf_model(path, *, dtype: torch.dtype | None = None, device=None, patch: bool = True) -> HFEngineModel:
     """A transformers causal LM as an :class:`HFEngineModel`, with the "lengen_varlen" attention.
 
-    path: a checkpoint directory (``from_pretrained``, local files only) or a config.json (a randomly
-    initialised model; seed torch first). dtype: the parameters' dtype (default: the checkpoint's, fp32 for a
+    path: a checkpoint directory (``from_pretrained``, local files only) or a config.json, or a directory holding
+    only a config.json (a randomly initialised model; seed torch first). dtype: the parameters' dtype (default: the checkpoint's, fp32 for a
     config). Nothing is downloaded.
     """
     from transformers import AutoModelForCausalLM
@@ -189,6 +189,9 @@ def load_hf_model(path, *, dtype: torch.dtype | None = None, device=None, patch:
     path = Path(path)
     register()
     kw = {"attn_implementation": ATTN_NAME}
+    weights = path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")))
+    if path.is_dir() and (path / "config.json").is_file() and not weights:
+        path = path / "config.json"       # a directory with a config and no weights: a fresh model of that config
     if path.is_file():
         cfg = _read_config(path)
         model = AutoModelForCausalLM.from_config(cfg, **kw)

@@ -164,6 +164,13 @@ def export_llama(model_or_checkpoint, out_dir, *, tokenizer="bytes", context: in
         raise RuntimeError(f"export_llama: weight map incomplete (missing {missing}, unexpected {unexpected})")
     if dtype is not None:
         hf = hf.to(dtype)
+    return save_pretrained_dir(hf, out_dir, tok, config.max_position_embeddings, source=model_or_checkpoint,
+                               overwrite=overwrite)
+
+
+def save_pretrained_dir(hf, out_dir, tok, context: int, *, source, overwrite: bool = False) -> Path:
+    """``hf.save_pretrained`` (+ the tokenizer, + lengen_export.json with the context) into ``out_dir``, written beside
+    it and renamed into place: the directory appears whole or not at all."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise FileExistsError(f"export_llama: {str(out)!r} exists and is not an empty directory; pass overwrite=True")
@@ -174,8 +181,7 @@ def export_llama(model_or_checkpoint, out_dir, *, tokenizer="bytes", context: in
         if tok is not None:
             tok.save_pretrained(str(tmp))
         atomic_write_text(tmp / "lengen_export.json",
-                          '{"format": "lengen-export", "source": %s, "context": %d}\n'
-                          % (_json_str(model_or_checkpoint), config.max_position_embeddings))
+                          '{"format": "lengen-export", "source": %s, "context": %d}\n' % (_json_str(source), context))
         if out.exists():
             old = out.with_name(f"{TMP_PREFIX}{out.name}.old.{os.getpid()}")
             os.replace(out, old)
