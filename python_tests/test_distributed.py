@@ -315,7 +315,7 @@ def test_single_process_context_is_a_no_op():
 def test_lengen_train_nproc_2_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    flags = ("--nproc 2 --tasks copy_unique --arms vsl --seeds 0 --no-extend --steps 4 --evals 2 "
+    flags = ("--nproc 2 --tasks copy_unique --arms vsl --seeds 1 --no-extend --steps 4 --evals 2 "
              "--train-examples 80 --eval-examples 4 --train-max-len 6 --eval-multiples 1,2 --alphabet 16 "
              "--d-model 16 --n-layers 1 --n-heads 2 --max-positions 128 --tokens-per-batch 128 "
              "--threads 1 --no-progress")

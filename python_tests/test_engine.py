@@ -148,7 +148,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
 # ------------------------------------------------------------------------------------------ both workloads
 def test_lm_resume_continues_and_refuses_a_changed_arm_set(tmp_path, capsys):
     out = tmp_path / "lm"
-    argv = LM_TINY + ["--seeds", "0", "--workers", "1", "--out", str(out)]
+    argv = LM_TINY + ["--seeds", "1", "--workers", "1", "--out", str(out)]
     assert cli.main(argv) == 0
     (out / "seeds" / "seed_0.json").unlink()                   # as if killed after the last checkpoint
     assert cli.main(argv + ["--resume"]) == 0
@@ -160,7 +160,7 @@ def test_lm_resume_continues_and_refuses_a_changed_arm_set(tmp_path, capsys):
 def test_lm_nproc_2_end_to_end(tmp_path):
     out = tmp_path / "lm2"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "lengen_fast.train", *LM_TINY, "--seeds", "0", "--nproc", "2", "--workers", "1",
+    cmd = [sys.executable, "-m", "lengen_fast.train", *LM_TINY, "--seeds", "1", "--nproc", "2", "--workers", "1",
            "--threads", "1", "--out", str(out)]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -174,7 +174,7 @@ def test_lm_nproc_2_end_to_end(tmp_path):
 def test_hf_architecture_or_our_model_trains_exports_and_lengen_eval_reads_it(tmp_path, model):
     """`lengen-train lm --model hf:PATH --out X` then `lengen-eval X/ckpt/<arm>_s0/hf` (and our swiglu model)."""
     from lengen_fast.eval.cli import main as eval_main
-    argv = LM_TINY + ["--seeds", "0", "--workers", "1", "--out", str(tmp_path / "run")]
+    argv = LM_TINY + ["--seeds", "1", "--workers", "1", "--out", str(tmp_path / "run")]
     if model == "hf":
         from transformers import LlamaConfig
         LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -196,7 +196,7 @@ def test_hf_architecture_or_our_model_trains_exports_and_lengen_eval_reads_it(tm
 
 def test_gelu_model_is_not_exported_and_the_report_says_why(tmp_path):
     out = tmp_path / "run"
-    assert cli.main(LM_TINY + ["--seeds", "0", "--workers", "1", "--out", str(out)]) == 0
+    assert cli.main(LM_TINY + ["--seeds", "1", "--workers", "1", "--out", str(out)]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert any("not exported as a Llama checkpoint: Llama needs mlp=swiglu" in n for n in rep["notes"])
     assert not (out / "ckpt" / "concat_s0" / "hf").exists()

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--tasks", "copy_unique", "--arms", "vsl,pack_masked", "--seeds", "0", "--no-extend", "--steps", "60",
+FLAGS = ["--tasks", "copy_unique", "--arms", "vsl,pack_masked", "--seeds", "1", "--no-extend", "--steps", "60",
          "--evals", "4", "--train-examples", "200", "--eval-examples", "4", "--train-max-len", "6",
          "--eval-multiples", "1,2", "--alphabet", "16", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
          "--max-positions", "128", "--tokens-per-batch", "128", "--threads", "1", "--workers", "1", "--no-progress"]

@@ -270,7 +270,7 @@ def test_lm_end_to_end_tiny(tmp_path, capsys):
 
 def test_lm_unreachable_multiple_is_reported_and_skipped(tmp_path, capsys):
     out = tmp_path / "lm"
-    assert lm_main(["--preset", "quick", "--out", str(out), "--arms", "concat,dd_natural", "--seeds", "0",
+    assert lm_main(["--preset", "quick", "--out", str(out), "--arms", "concat,dd_natural", "--seeds", "1",
                     "--multiples", "1,2,1000,2000", "--no-extend"]) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["edges"] == [0, 128, 256, 128000, 256000]
@@ -284,7 +284,7 @@ def test_lm_unreachable_multiple_is_reported_and_skipped(tmp_path, capsys):
 def test_lm_finetune_with_a_tiny_budget_still_fills_batches(tmp_path):
     """Regression: a fine-tune budget below one batch once left the long-document subset unable to fill one."""
     out = tmp_path / "lm"
-    assert lm_main(["--preset", "quick", "--out", str(out), "--arms", "dd_natural", "--seeds", "0",
+    assert lm_main(["--preset", "quick", "--out", str(out), "--arms", "dd_natural", "--seeds", "1",
                     "--finetune-frac", "0.01", "--scalings", "linear", "--multiples", "1,2"]) == 0
     rep = json.loads((out / "report.json").read_text())
     ft = [e for e in rep["extension"] if e["stage"] == "fine-tune"]
@@ -329,7 +329,7 @@ def test_lm_on_a_prepared_corpus(tmp_path):
     assert prepare_main([str(tmp_path / "text"), "--out", str(tmp_path / "tok"), "--train-tokenizer", "320",
                          "--workers", "1", "--no-progress"]) == 0
     out = tmp_path / "lm"
-    assert lm_main(["--preset", "quick", "--corpus", str(tmp_path / "tok"), "--out", str(out), "--seeds", "0",
+    assert lm_main(["--preset", "quick", "--corpus", str(tmp_path / "tok"), "--out", str(out), "--seeds", "1",
                     "--arms", "concat,dd_natural", "--heldout-frac", "0.1", "--no-finetune", "--scalings", "yarn",
                     "--multiples", "1,2"]) == 0
     rep = json.loads((out / "report.json").read_text())
@@ -352,7 +352,7 @@ def test_gpu_preset_tiny(tmp_path):
     out = tmp_path / "lm"
     rc = lm_main(["--preset", "lm_gpt2", "--out", str(out), "--d-model", "64", "--n-layers", "2", "--n-heads", "2",
                   "--context", "512", "--min-len", "32", "--tokens-per-batch", "4096", "--grad-accum", "2",
-                  "--budget-tokens", "32768", "--lr", "0.003", "--evals", "2", "--seeds", "0", "--corpus-files", "80",
+                  "--budget-tokens", "32768", "--lr", "0.003", "--evals", "2", "--seeds", "1", "--corpus-files", "80",
                   "--val-tokens", "4096", "--pos-docs", "1", "--finetune-frac", "0.2"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())

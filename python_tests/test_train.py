@@ -572,7 +572,7 @@ def test_short_eval_lengths_warn_and_missing_output_parent(tmp_path, capsys):
 
 def test_resume_needs_the_run_and_the_same_config(tmp_path, capsys):
     out = tmp_path / "r"
-    argv = ["--preset", "quick", "--out", str(out), "--no-progress", "--seeds", "0", "--tasks", "passkey",
+    argv = ["--preset", "quick", "--out", str(out), "--no-progress", "--seeds", "1", "--tasks", "passkey",
             "--no-extend", "--arms", "pack_masked", "--workers", "1"]
     assert cli.main(argv + ["--resume"]) == 2
     assert "config.json' does not exist, so there is no run to resume" in capsys.readouterr().err
@@ -622,6 +622,15 @@ def test_flags_map_onto_the_dataclasses():
     assert cmd == "ablate" and cfg.train.arms[0] == "pack_masked" and len(cfg.train.arms) == 6
     with pytest.raises(ValueError, match="--task belongs to"):
         cli.config_from_args(["--task", "parity"])
+    assert cli.config_from_args(["--seeds", "4"])[1].train.seeds == [0, 1, 2, 3]       # a count
+    assert cli.config_from_args(["--seeds", "5,"])[1].train.seeds == [5]               # one explicit seed
+    assert cli.config_from_args(["--seeds", "auto", "--mde", "0.1"])[1].train.seeds_auto
+
+
+def test_seeds_zero_is_refused_with_the_rule(capsys):
+    with pytest.raises(SystemExit):
+        cli.config_from_args(["--seeds", "0"])
+    assert "a bare number is a count of seeds" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- end to end
@@ -671,7 +680,7 @@ def test_progress_in_a_log_is_a_few_lines_per_run_not_one_per_step(tmp_path, cap
     the run's length, so the count is exact and does not depend on the machine's speed."""
     monkeypatch.setenv("LENGEN_PROGRESS_INTERVAL", "3600")
     out = tmp_path / "p"
-    argv = ["--out", str(out), "--arms", "pack_masked,vsl", "--seeds", "0", "--no-extend", "--tasks", "copy_unique",
+    argv = ["--out", str(out), "--arms", "pack_masked,vsl", "--seeds", "1", "--no-extend", "--tasks", "copy_unique",
             "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--train-max-len", "6", "--eval-multiples", "1,2",
             "--eval-examples", "8", "--steps", "24", "--evals", "3", "--tokens-per-batch", "128",
             "--warmup-frac", "0.05", "--threads", "1"]
@@ -725,7 +734,7 @@ def test_quick_run_prints_no_warning(tmp_path):
     import subprocess
     import sys
     res = subprocess.run([sys.executable, "-W", "error", "-m", "lengen_fast.train", "--preset", "quick", "--out",
-                          str(tmp_path / "q"), "--no-progress", "--seeds", "0", "--tasks", "passkey,text",
+                          str(tmp_path / "q"), "--no-progress", "--seeds", "1", "--tasks", "passkey,text",
                           "--no-extend", "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Warning" not in res.stderr, res.stderr[-3000:]

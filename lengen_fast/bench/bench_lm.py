@@ -30,7 +30,7 @@ def make_runs(preset: str, context: int, arms: list[str], out: str):
     from lengen_fast.train.engine import workload
     from lengen_fast.train.plan import make_plan
     from lengen_fast.train.trainer import Run
-    argv = ["lm", "--preset", preset, "--arms", ",".join(arms), "--seeds", "0", "--no-extend", "--out", out,
+    argv = ["lm", "--preset", preset, "--arms", ",".join(arms), "--seeds", "1", "--no-extend", "--out", out,
             "--no-progress"] + (["--context", str(context)] if context else [])
     _, cfg = config_from_args(argv)
     with warnings.catch_warnings():

@@ -58,15 +58,26 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _list_parser(elem, allow_auto: bool = False):
+def _list_parser(elem, seeds: bool = False):
+    """A comma-separated list. For --seeds also "auto", and a bare count N meaning seeds 0..N-1 (one explicit seed
+    is a list of one: "5,")."""
     def parse(s: str):
-        if allow_auto and s.strip() == "auto":
+        if seeds and s.strip() == "auto":
             return "auto"
+        if seeds and "," not in s:
+            try:
+                n = int(s)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a count of seeds, a comma-separated list or auto: {s!r}")
+            if n < 1:
+                raise argparse.ArgumentTypeError(f"--seeds {s}: a bare number is a count of seeds (0..N-1) and must be "
+                                                 ">= 1; one explicit seed is a list of one, e.g. --seeds 0,")
+            return list(range(n))
         try:
             return [elem(x) for x in s.split(",") if x.strip()]
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list of {elem.__name__}"
-                                             f"{' or auto' if allow_auto else ''}: {s!r}") from e
+                                             f"{' or auto' if seeds else ''}: {s!r}") from e
     return parse
 
 

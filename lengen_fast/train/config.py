@@ -119,7 +119,8 @@ class TrainConfig:
     early_stop_patience: int = opt(2, "... for this many validations in a row")
     target_acc: float = opt(0.9, "tasks: FLOPs to target = first validation with ID accuracy >= this")
     critical_threshold: float = opt(0.9, "tasks: a task counts as learned at accuracy >= this")
-    seeds: list[int] = opt([0, 1, 2, 3, 4, 5], "seeds (each trains every arm); 'auto' adds seeds until --mde is met")
+    seeds: list[int] = opt([0, 1, 2, 3, 4, 5], "seeds: a count N (0..N-1), a list a,b,c (one seed: '5,') or auto "
+                                               "(add seeds until --mde is met)")
     seeds_auto: bool = opt(False, "add seeds (a worker-count at a time) until every headline MDE <= mde")
     mde: float = opt(0.0, "seeds auto: target minimum detectable effect in the headline metric's unit")
     max_seeds: int = opt(12, "seeds auto: never more seeds than this")
