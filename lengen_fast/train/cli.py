@@ -127,7 +127,8 @@ def build_parser(cmd: str = "run") -> argparse.ArgumentParser:
                                                                             dest == "train.seeds"),
                                default=None, metavar="A,B,...", help=_help(f))
             else:
-                g.add_argument(_flag(f.name), dest=dest, type=tp, default=None, help=_help(f))
+                g.add_argument(_flag(f.name), dest=dest, type=tp, default=None, help=_help(f),
+                               metavar={int: "N", float: "X", str: "S"}[tp])
     return ap
 
 
