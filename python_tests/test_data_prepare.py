@@ -42,6 +42,7 @@ def corpus(tmp_path_factory):
     """Parquet (several row groups), JSONL and text files in one directory, and their texts in order."""
     d = tmp_path_factory.mktemp("corpus")
     texts = _texts(200)
+    texts[180:] = [t or "solo" for t in texts[180:]]  # a text file is one document; a 0-byte file is skipped
     pq.write_table(pa.table({"id": list(range(80)), "text": texts[:80]}), d / "a.parquet", row_group_size=9)
     with open(d / "b.jsonl", "w") as f:
         for t in texts[80:180]:
@@ -49,6 +50,7 @@ def corpus(tmp_path_factory):
     for i, t in enumerate(texts[180:]):
         (d / "c" if i == 0 else d).mkdir(exist_ok=True)
         (d / "c" / f"t{i:02d}.txt").write_text(t, encoding="utf-8")
+    (d / "c" / "zz-empty.txt").write_bytes(b"")
     return d, texts
 
 
@@ -69,6 +71,7 @@ def test_round_trip_multi_shard(tmp_path, corpus, tok_file):
     m = prepare(d, tmp_path / "out", tokenizer=str(tok_file), shard_mb=0.002, workers=2, progress=False)
     assert m["complete"] and m["dtype"] == "uint16" and m["totals"]["docs"] == len(texts)
     assert m["totals"]["shards"] > 5 and len(list((tmp_path / "out").glob("shard-*.arrow"))) == m["totals"]["shards"]
+    assert m["source"]["skipped_empty"] == [str(d / "c" / "zz-empty.txt")]
     src = _check_round_trip(tmp_path / "out", texts, load_tokenizer(tok_file))
     assert src.dtype == np.uint16 and src.vocab_size == m["vocab_size"] and src.prepared_dir == tmp_path / "out"
     assert m["totals"]["tokens"] == src.num_tokens

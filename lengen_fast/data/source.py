@@ -278,7 +278,7 @@ def open_tokens(source, column: str = "input_ids", *, loss_mask_column: str | No
     if isinstance(source, (str, os.PathLike, list, tuple)):
         paths, prepared = resolve_shards(source)
         if prepared is not None:
-            from .prepare import check_manifest  # the manifest's format lives with its writer
+            from .shards import check_manifest  # the manifest's format lives with its writer
             paths, expect, m_vocab = check_manifest(prepared, column=column, tokenizer=tokenizer)
             if vocab_size is not None and vocab_size < m_vocab:
                 raise ValueError(f"vocab_size={vocab_size} is smaller than the prepared corpus' vocabulary "
