@@ -92,8 +92,9 @@ def _check_config(c: PrepareConfig) -> None:
 
 def _hook(point: str, k: int | None = None) -> None:
     """Crash tests: ``$LENGEN_PREPARE_HOOK=kill@shard:2`` SIGKILLs the run after its 2nd finished shard,
-    ``pause@manifest`` prints a line and sleeps. Points: locked, manifest, tokenizer, shard:K (K shards done in
-    this run), write:I (a worker, shard I half written: the parent is killed first), finish, done."""
+    ``pause@manifest`` prints a line and sleeps, ``killself@write:1`` kills only the worker writing shard 1.
+    Points: locked, manifest, tokenizer, shard:K (K shards done in this run), write:I (shard I half written in its
+    temporary file; ``kill`` there kills the parent first), finish, done."""
     spec = os.environ.get(HOOK_ENV)
     if not spec:
         return
@@ -104,9 +105,9 @@ def _hook(point: str, k: int | None = None) -> None:
     if action == "pause":
         print(f"[hook] paused at {where} pid {os.getpid()}", flush=True)
         time.sleep(600)
-    elif action == "kill":
+    elif action in ("kill", "killself"):  # killself: only this process (a worker dies, its parent lives)
         parent = _WORKER.get("parent")
-        if parent and parent != os.getpid():
+        if action == "kill" and parent and parent != os.getpid():
             os.kill(parent, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -126,10 +127,20 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _on_term(signum, frame) -> None:
+    """A worker stopped by its parent (another task failed): remove its temporary file, then exit."""
+    out = _WORKER.get("out")
+    if out:
+        for p in Path(out).glob(f".tmp-*.{os.getpid()}"):
+            p.unlink(missing_ok=True)
+    os._exit(1)
+
+
 def _init_worker(spec, dataset, parent: int, pool_process: bool = True) -> None:
     if pool_process:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
         _die_with_parent(parent)
+        signal.signal(signal.SIGTERM, _on_term)
     _WORKER["enc"] = spec.make()
     _WORKER["parent"] = parent
     inputs.set_dataset(dataset)
@@ -138,12 +149,13 @@ def _init_worker(spec, dataset, parent: int, pool_process: bool = True) -> None:
 def _run_task(args) -> dict:
     """One task -> one shard: read its pieces, encode, write atomically; returns the shard's record."""
     index, task, column, dtype, out_dir, plan = args
+    _WORKER["out"] = out_dir
     enc = _WORKER["enc"]
     np_dtype = np.dtype(dtype)
     lengths, values, text_bytes = [], [], 0
     for piece in task:
         for texts, nbytes in read_texts(piece, column):
-            n, v = enc.encode(texts, np_dtype)
+            n, v = enc.encode(texts, np_dtype, nbytes)
             lengths.append(n)
             values.append(v)
             text_bytes += nbytes
@@ -176,10 +188,10 @@ def _run_all(todo_args: list, workers: int, spec, dataset, on_done) -> None:
                                      "rerun the same command to resume") from None
                 on_done(rec)
     finally:
-        # stop at once on an error: running tasks would only finish shards nobody waits for
+        # stop at once on an error: running tasks would only finish shards nobody waits for (SIGTERM: _on_term)
         for p in list(getattr(ex, "_processes", {}).values()):
             if p.is_alive():
-                p.kill()
+                p.terminate()
         ex.shutdown(wait=True, cancel_futures=True)
 
 

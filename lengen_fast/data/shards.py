@@ -249,10 +249,9 @@ class DirLock:
                     raise
                 o = self._owner(fd)
                 os.close(fd)
-                raise LockHeld(errno.EBUSY, f"{str(self.path.parent)!r} is being prepared by another process (pid "
-                                            f"{o.get('pid', '?')} on {o.get('host', '?')}, since {o.get('started', '?')}"
-                                            f"; lock {str(self.path)!r}): wait for it, or stop it and rerun",
-                               str(self.path)) from None
+                raise LockHeld(f"{str(self.path.parent)!r} is being prepared by another process (pid "
+                               f"{o.get('pid', '?')} on {o.get('host', '?')}, since {o.get('started', '?')}; lock "
+                               f"{str(self.path)!r}): wait for it, or stop it and rerun") from None
             try:  # the previous owner may have unlinked the file between our open and our lock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

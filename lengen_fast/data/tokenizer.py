@@ -124,20 +124,35 @@ class EncoderSpec:
 
 class _Tiktoken:
     def __init__(self, spec: EncoderSpec):
-        self.enc = spec.bpe.encoding()
+        bpe = spec.bpe
+        self.enc = bpe.encoding()
         self.allowed = self.enc.special_tokens_set  # HF matches added tokens inside the text; so does this
-        self.wrap = spec.add_special_tokens and bool(spec.bpe.prefix or spec.bpe.suffix)
-        self.prefix = np.asarray(spec.bpe.prefix, np.uint32)
-        self.suffix = np.asarray(spec.bpe.suffix, np.uint32)
+        self.wrap = spec.add_special_tokens and bool(bpe.prefix or bpe.suffix)
+        self.prefix = np.asarray(bpe.prefix, np.uint32)
+        self.suffix = np.asarray(bpe.suffix, np.uint32)
+        # (V,) bytes each id spells: tiktoken silently drops text its split regex does not match, so every batch's
+        # ids must spell exactly as many bytes as its text
+        self.spelled = np.zeros(bpe.vocab_size, np.int64)
+        for t, i in bpe.ranks.items():
+            self.spelled[i] = len(t)
+        for s, i in bpe.special.items():
+            self.spelled[i] = len(s.encode("utf-8"))
+        self.wrap_bytes = int(self.spelled[self.prefix].sum() + self.spelled[self.suffix].sum()) if self.wrap else 0
 
-    def encode(self, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
-        """(lengths (n,) int64, ids (sum,) ``dtype``); encode_to_numpy skips the list of Python ints."""
+    def encode(self, texts: list[str], dtype, nbytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(lengths (n,) int64, ids (sum,) ``dtype``); encode_to_numpy skips the list of Python ints.
+        ``nbytes``: the texts' UTF-8 bytes, checked against the bytes the ids spell."""
         arrs = [self.enc.encode_to_numpy(t, allowed_special=self.allowed, disallowed_special=()) for t in texts]
         if self.wrap:
             arrs = [np.concatenate([self.prefix, a, self.suffix]) for a in arrs]
         lengths = np.fromiter(map(len, arrs), dtype=np.int64, count=len(arrs))
-        values = np.concatenate(arrs).astype(dtype, copy=False) if arrs else np.zeros(0, dtype)
-        return lengths, values
+        ids = np.concatenate(arrs) if arrs else np.zeros(0, np.uint32)
+        if nbytes is not None:
+            got = int(self.spelled[ids].sum()) - self.wrap_bytes * len(arrs)
+            if got != nbytes:
+                raise ValueError(f"tiktoken's ids spell {got} bytes for {nbytes} bytes of text: its split regex "
+                                 "does not match every character; use engine='hf' (--engine hf)")
+        return lengths, ids.astype(dtype, copy=False)
 
 
 class _HF:
@@ -146,7 +161,7 @@ class _HF:
         self.tok = Tokenizer.from_str(spec.hf_json)
         self.add_special = spec.add_special_tokens
 
-    def encode(self, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, texts: list[str], dtype, nbytes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         import itertools
         encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         lengths, ids = [], []
