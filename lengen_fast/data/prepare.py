@@ -59,7 +59,8 @@ class PrepareConfig:
     shard_mb: float = 64.0                # text MB per task, i.e. per output shard
     workers: int = 0                      # processes; 0: every core
     engine: str = "auto"                  # auto: tiktoken when it gives HF's ids, else HF | tiktoken (or fail) | hf
-    verify_mb: float = 1.0                # MB of the corpus on which tiktoken's ids are compared with HF's first
+    verify_mb: float = 1.0                # at most this many MB (1% of the corpus, >= 64 kB) on which tiktoken's
+                                          # ids are compared with HF's before it runs; 0: the probe strings only
     progress: bool = True                 # a tqdm bar on a terminal, plain lines (every 10 s) in a log
     overwrite: bool = False               # replace an output directory prepared from other inputs/tokenizer
 
@@ -238,6 +239,9 @@ def prepare(source, out_dir, config: PrepareConfig | None = None, **overrides) -
         if not files:
             raise ValueError(f"prepare: no input files outside out_dir {str(out)!r}")
         pieces, skipped = plan_pieces(files, c.text_column, target)
+        if not pieces:
+            raise ValueError(f"prepare: every input file is empty (0 bytes): {skipped[:3]}"
+                             f"{' ...' if len(skipped) > 3 else ''}; nothing to tokenize")
         for f in skipped:
             log.warning("skipping the empty (0-byte) input file %r", f)
     else:
@@ -273,8 +277,10 @@ def prepare(source, out_dir, config: PrepareConfig | None = None, **overrides) -
             if old.get("complete") and old.get("plan") == plan:
                 log.info("%s is already complete (%d shards)", out, len(old["shards"]))
                 return old
-        spec = choose_encoder(tok, c.add_special_tokens, sample_texts(tasks, c.text_column, int(c.verify_mb * 1e6)),
-                              c.engine)
+        # the sample: 1% of the corpus, at least 64 kB, at most verify_mb (HF encodes it too: keep it small)
+        total = sum(p[4] for p in pieces)
+        sample = sample_texts(tasks, c.text_column, int(min(c.verify_mb * 1e6, max(64e3, total / 100))))
+        spec = choose_encoder(tok, c.add_special_tokens, sample, c.engine)
         log.info("tokenizer engine: %s", spec.note)
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "complete": False, "plan": plan,
@@ -348,7 +354,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default=d.engine, choices=ENGINES,
                    help="auto: tiktoken when its ids equal HF's (checked), else HF; tiktoken: fail if not exact")
     p.add_argument("--verify-mb", type=float, default=d.verify_mb,
-                   help="MB of the corpus on which tiktoken's ids are compared with HF's before it runs")
+                   help="at most this many MB of the corpus (1%%, at least 64 kB) on which tiktoken's ids are "
+                        "compared with HF's before it runs (0: only built-in probe strings)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace a directory prepared from other inputs")
 
