@@ -250,10 +250,10 @@ def _jsonl_texts(path: str, lo: int, hi: int, column: str):
         if not isinstance(v, str):
             raise TypeError(where.format(_line_number(path, lo, i)) + f": column {column!r} holds a "
                             f"{type(v).__name__}, not a string")
-        if not v.isascii():
-            nbytes += _utf8(v, where.format(_line_number(path, lo, i)) + f": column {column!r}")
-        else:
-            nbytes += len(v)
+        try:
+            nbytes += len(v) if v.isascii() else len(v.encode("utf-8"))
+        except UnicodeEncodeError:  # the line number costs a read of the file: only on the error path
+            _utf8(v, where.format(_line_number(path, lo, i)) + f": column {column!r}")
         texts.append(v)
     yield texts, nbytes
 
