@@ -107,7 +107,7 @@ def _hook(point: str, k: int | None = None) -> None:
         print(f"[hook] paused at {where} pid {os.getpid()}", flush=True)
         time.sleep(600)
     elif action in ("kill", "killself"):  # killself: only this process (a worker dies, its parent lives)
-        parent = _WORKER.get("parent")
+        parent = _WORKER.get("pool_parent")  # set in pool workers only
         if action == "kill" and parent and parent != os.getpid():
             os.kill(parent, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -142,8 +142,8 @@ def _init_worker(spec, dataset, parent: int, pool_process: bool = True) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
         _die_with_parent(parent)
         signal.signal(signal.SIGTERM, _on_term)
+        _WORKER["pool_parent"] = parent
     _WORKER["enc"] = spec.make()
-    _WORKER["parent"] = parent
     inputs.set_dataset(dataset)
 
 
