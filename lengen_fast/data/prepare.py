@@ -384,7 +384,7 @@ def run(args) -> int:
     return 0
 
 
-ERRORS = (ValueError, TypeError, OSError, WorkerDied)  # what the command line reports as "error: ..." (exit 2)
+ERRORS = (ValueError, TypeError, OSError, ImportError, WorkerDied)  # what the command line reports as "error: ..." (exit 2)
 
 
 def main(argv=None) -> int:
