@@ -175,6 +175,7 @@ def _run_all(todo_args: list, workers: int, spec, dataset, on_done) -> None:
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     ex = ProcessPoolExecutor(min(workers, len(todo_args)), mp_context=ctx, initializer=_init_worker,
                              initargs=(spec, dataset, os.getpid()))
+    ok = False
     try:
         pending = {ex.submit(_run_task, a): a[0] for a in todo_args}
         while pending:
@@ -188,9 +189,10 @@ def _run_all(todo_args: list, workers: int, spec, dataset, on_done) -> None:
                                      "shard (killed: out of memory, or a signal); the finished shards are kept: "
                                      "rerun the same command to resume") from None
                 on_done(rec)
+        ok = True
     finally:
-        # stop at once on an error: running tasks would only finish shards nobody waits for (SIGTERM: _on_term)
-        for p in list(getattr(ex, "_processes", {}).values()):
+        # on an error, stop at once: running tasks would only finish shards nobody waits for (SIGTERM: _on_term)
+        for p in list(getattr(ex, "_processes", {}).values()) if not ok else ():
             if p.is_alive():
                 p.terminate()
         ex.shutdown(wait=True, cancel_futures=True)
