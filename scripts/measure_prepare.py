@@ -2,6 +2,7 @@
 
     python scripts/measure_prepare.py tokenize [--mb 4] [--vocab 8192] [--workers 1,2] [--corpus stdlib|docs]
                                                [--repeats 3] [--out bench]
+    python scripts/measure_prepare.py scaling [--mb 32] [--repeats 5] [--out bench]
     python scripts/measure_prepare.py open1b --dir /work/tmp-1b [--tokens 1e9] [--keep]
 
 tokenize: two tokenizers of --vocab tokens trained on the same texts (stdlib sources, or prose): one by rustbpe
@@ -10,6 +11,8 @@ side by side, in interleaved rounds: the encoder alone (this process, one thread
 (JSONL input, --workers processes, engine=hf | tiktoken, TOKENIZERS_PARALLELISM=false). Prints MB of text per
 CPU-second (user+system of this process and the workers, robust to neighbours) and wall MB/s, and appends one
 row per configuration to OUT/results.csv (throughput = MB/CPU-s).
+scaling: prepare on tiktoken with 1 and 2 workers in interleaved rounds, with the cores the run used and how busy
+the machine was (/proc/stat) in each round: on a shared machine only rounds without a neighbour show the speed-up.
 open1b: writes a synthetic prepared directory of ~1B uint16 tokens (lognormal lengths, mean 1000;
 zero tokens, written from untouched calloc memory), then in a fresh interpreter times
 ``open_tokens(dir)`` and the anonymous / total RSS it adds. Deletes the directory unless --keep.
@@ -162,6 +165,49 @@ def tokenize(args) -> None:
         shutil.rmtree(work)
 
 
+def _busy() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def scaling(args) -> None:
+    """prepare on tiktoken with 1 and 2 workers, interleaved rounds; per round the cores our run used and the share
+    of the machine that was busy (/proc/stat), so rounds where a neighbour held a core can be told apart."""
+    from lengen_fast.bench.common import Timing, record
+    from lengen_fast.data.prepare import prepare, train_bpe
+    if args.out:
+        os.environ["LENGEN_RESULTS"] = str(Path(args.out) / "results.csv")
+    texts, total = _stdlib_texts(args.mb)
+    mb = total / 1e6
+    work = Path(tempfile.mkdtemp(prefix="lengen-scale-"))
+    try:
+        with open(work / "corpus.jsonl", "w") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        train_bpe(texts[: len(texts) // 4], args.vocab).save(str(work / "tok.json"))
+        ncpu = os.cpu_count() or 1
+        print(f"{mb:.1f} MB of stdlib sources, {args.vocab}-token rustbpe vocabulary, engine tiktoken, shard_mb "
+              f"{args.shard_mb}, {ncpu} cores")
+        for r in range(args.repeats):
+            for w in (1, 2):
+                s0, t0, c0 = _busy(), time.perf_counter(), _cpu()
+                prepare(work / "corpus.jsonl", work / "out", tokenizer=str(work / "tok.json"), workers=w,
+                        shard_mb=args.shard_mb, engine="tiktoken", progress=False)
+                wall, cpu = time.perf_counter() - t0, _cpu() - c0
+                d = [b - a for a, b in zip(s0, _busy())]
+                busy = (sum(d) - d[3] - d[4]) / max(sum(d), 1) * ncpu
+                print(f"round {r} workers {w}: wall {mb / wall:6.2f} MB/s  {mb / cpu:6.2f} MB/CPU-s  cores used by "
+                      f"this run {cpu / wall:4.2f}, machine busy {busy:4.2f} of {ncpu}")
+                record("tokenize_scaling", {"corpus": "stdlib", "mb": round(mb, 2), "vocab": args.vocab, "workers": w,
+                                            "shard_mb": args.shard_mb, "round": r}, "tiktoken",
+                       Timing(wall * 1e3, wall * 1e3, wall * 1e3, [wall * 1e3]), throughput=mb / cpu,
+                       unit="MB/CPU-s", note=f"wall {mb / wall:.2f} MB/s; cores used {cpu / wall:.2f}; machine busy "
+                                             f"{busy:.2f} of {ncpu}")
+                shutil.rmtree(work / "out")
+    finally:
+        shutil.rmtree(work)
+
+
 _OPEN_CHILD = r"""
 import sys, time, gc
 sys.path.insert(0, sys.argv[2])
@@ -249,6 +295,12 @@ def main() -> None:
     t.add_argument("--out", default=None, help="append rows to OUT/results.csv (e.g. bench)")
     t.add_argument("--corpus", choices=("stdlib", "docs"), default="stdlib",
                    help="stdlib: Python sources; docs: copyright/README/.md/.rst/.txt prose on this machine")
+    sc = sub.add_parser("scaling", help="tiktoken prepare, 1 vs 2 workers, with the machine's busy share per round")
+    sc.add_argument("--mb", type=float, default=32)
+    sc.add_argument("--vocab", type=int, default=8192)
+    sc.add_argument("--shard-mb", type=float, default=2)
+    sc.add_argument("--repeats", type=int, default=5)
+    sc.add_argument("--out", default=None, help="append rows to OUT/results.csv (e.g. bench)")
     o = sub.add_parser("open1b")
     o.add_argument("--dir", required=True)
     o.add_argument("--tokens", default="1e9")
@@ -256,7 +308,7 @@ def main() -> None:
     o.add_argument("--repeats", type=int, default=3)
     o.add_argument("--keep", action="store_true")
     args = p.parse_args()
-    (tokenize if args.cmd == "tokenize" else open1b)(args)
+    {"tokenize": tokenize, "scaling": scaling, "open1b": open1b}[args.cmd](args)
 
 
 if __name__ == "__main__":
