@@ -42,6 +42,7 @@ def corpus(tmp_path_factory):
     """Parquet (several row groups), JSONL and text files in one directory, and their texts in order."""
     d = tmp_path_factory.mktemp("corpus")
     texts = _texts(200)
+    texts[180:] = [t or "solo" for t in texts[180:]]  # a text file is one document; a 0-byte file is skipped
     pq.write_table(pa.table({"id": list(range(80)), "text": texts[:80]}), d / "a.parquet", row_group_size=9)
     with open(d / "b.jsonl", "w") as f:
         for t in texts[80:180]:
@@ -49,6 +50,7 @@ def corpus(tmp_path_factory):
     for i, t in enumerate(texts[180:]):
         (d / "c" if i == 0 else d).mkdir(exist_ok=True)
         (d / "c" / f"t{i:02d}.txt").write_text(t, encoding="utf-8")
+    (d / "c" / "zz-empty.txt").write_bytes(b"")
     return d, texts
 
 
@@ -69,6 +71,7 @@ def test_round_trip_multi_shard(tmp_path, corpus, tok_file):
     m = prepare(d, tmp_path / "out", tokenizer=str(tok_file), shard_mb=0.002, workers=2, progress=False)
     assert m["complete"] and m["dtype"] == "uint16" and m["totals"]["docs"] == len(texts)
     assert m["totals"]["shards"] > 5 and len(list((tmp_path / "out").glob("shard-*.arrow"))) == m["totals"]["shards"]
+    assert m["source"]["skipped_empty"] == [str(d / "c" / "zz-empty.txt")]
     src = _check_round_trip(tmp_path / "out", texts, load_tokenizer(tok_file))
     assert src.dtype == np.uint16 and src.vocab_size == m["vocab_size"] and src.prepared_dir == tmp_path / "out"
     assert m["totals"]["tokens"] == src.num_tokens
@@ -223,7 +226,44 @@ def _big_vocab_tokenizer(tmp):
     return str(tmp / "big.json")
 
 
+def _write(tmp, name, data: bytes):
+    (tmp / name).write_bytes(data)
+    return tmp / name
+
+
+def _parquet_bad_utf8(tmp):
+    data = b"ok" + b"\xff\xfebad"
+    offs = np.array([0, 2, len(data)], dtype=np.int32)
+    arr = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(offs.tobytes()), pa.py_buffer(data)])
+    pq.write_table(pa.table({"text": arr}), tmp / "in.parquet")  # pyarrow writes it without checking
+    return tmp / "in.parquet"
+
+
 PREP_BAD = [
+    # files that hold no text: an error naming the file (and where in it)
+    ("text file not UTF-8", lambda t, tok: (_write(t, "x.txt", b"abc\xff\xfe"), {}),
+     ValueError, r"x.txt' is not UTF-8 text \(byte 3\): invalid start byte"),
+    ("binary text file", lambda t, tok: (_write(t, "x.txt", b"\x7fELF\x02\x01\x00\x00"), {}),
+     ValueError, r"x.txt' is a binary file, not text \(a NUL byte at offset 6\)"),
+    ("binary jsonl", lambda t, tok: (_write(t, "x.jsonl", b'{"text": "a"}\n\x00\x01\x02\n'), {}),
+     ValueError, r"x.jsonl' is a binary file, not JSONL text \(a NUL byte at offset 14, line 2\)"),
+    ("jsonl not UTF-8", lambda t, tok: (_write(t, "x.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n'), {}),
+     ValueError, r"x.jsonl' line 2: not valid UTF-8 text \(byte 10 of the line"),
+    ("jsonl lone surrogate", lambda t, tok: (_write(t, "x.jsonl", b'{"text": "a\\ud800b"}\n'), {}),
+     ValueError, r"x.jsonl' line 1: column 'text' holds a lone surrogate \('\\ud800' at character 1\)"),
+    ("parquet not UTF-8", lambda t, tok: (_parquet_bad_utf8(t), {}),
+     ValueError, r"in.parquet' row 1: column 'text' is not valid UTF-8 text"),
+    ("not a parquet file", lambda t, tok: (_write(t, "x.parquet", b"PK\x03\x04 a zip file"), {}),
+     ValueError, r"x.parquet' is not a readable Parquet file"),
+    ("only empty files", lambda t, tok: ([_write(t, "x.parquet", b""), _write(t, "y.jsonl", b"")], {}),
+     ValueError, r"every input file is empty \(0 bytes\): \['.*x.parquet', '.*y.jsonl'\]; nothing to tokenize"),
+    ("engine tiktoken, WordLevel", lambda t, tok: (_jsonl(t, [{"text": "w1"}]),
+                                                   {"tokenizer": _big_vocab_tokenizer(t), "engine": "tiktoken"}),
+     ValueError, r"engine=tiktoken: this tokenizer cannot run on tiktoken with HF's ids: model 'WordLevel', not BPE"),
+    ("bad engine", lambda t, tok: (_jsonl(t, [{"text": "a"}]), {"engine": "fast"}), ValueError, "engine must be one of"),
+    ("bad verify_mb", lambda t, tok: (_jsonl(t, [{"text": "a"}]), {"verify_mb": -1}), ValueError,
+     "verify_mb must be a number of MB >= 0"),
+
     ("parquet without the text column", lambda t, tok: (_parquet(t, body=["a"]), {}),
      ValueError, r"text column 'text' not found in '.*in.parquet'; available: \['body'\]"),
     ("parquet of ints", lambda t, tok: (_parquet(t, text=[1, 2]), {}),

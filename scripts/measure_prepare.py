@@ -1,11 +1,18 @@
-"""Measure corpus preparation (issue 13): tokenize MB/s per core, and opening a 1B-token prepared directory.
+"""Measure corpus preparation (issues 13, 22): tokenize MB per CPU-second, HF vs tiktoken; open a 1B-token directory.
 
-    python scripts/measure_prepare.py tokenize [--mb 40] [--vocab 32000] [--workers 1] [--corpus stdlib|docs]
+    python scripts/measure_prepare.py tokenize [--mb 4] [--vocab 8192] [--workers 1,2] [--corpus stdlib|docs]
+                                               [--repeats 3] [--out bench]
+    python scripts/measure_prepare.py scaling [--mb 32] [--repeats 5] [--out bench]
     python scripts/measure_prepare.py open1b --dir /work/tmp-1b [--tokens 1e9] [--keep]
 
-tokenize: trains a byte-level BPE (an HF fast tokenizer, the ``tokenizers`` library) on the stdlib
-sources, writes them as JSONL, and times ``prepare`` alone (the tokenizer is given, not trained)
-with one process per core, TOKENIZERS_PARALLELISM=false. Prints MB of text per second per core.
+tokenize: two tokenizers of --vocab tokens trained on the same texts (stdlib sources, or prose): one by rustbpe
+(what --train-tokenizer makes), one by HF's BpeTrainer with GPT-2's ByteLevel split. Each runs on both engines
+side by side, in interleaved rounds: the encoder alone (this process, one thread) and ``prepare`` end to end
+(JSONL input, --workers processes, engine=hf | tiktoken, TOKENIZERS_PARALLELISM=false). Prints MB of text per
+CPU-second (user+system of this process and the workers, robust to neighbours) and wall MB/s, and appends one
+row per configuration to OUT/results.csv (throughput = MB/CPU-s).
+scaling: prepare on tiktoken with 1 and 2 workers in interleaved rounds, with the cores the run used and how busy
+the machine was (/proc/stat) in each round: on a shared machine only rounds without a neighbour show the speed-up.
 open1b: writes a synthetic prepared directory of ~1B uint16 tokens (lognormal lengths, mean 1000;
 zero tokens, written from untouched calloc memory), then in a fresh interpreter times
 ``open_tokens(dir)`` and the anonymous / total RSS it adds. Deletes the directory unless --keep.
@@ -65,46 +72,138 @@ def _doc_texts(limit_mb: float):
     return out, total
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its reaped children (the prepare workers), user + system."""
+    import resource
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _hf_gpt2_style(texts, vocab: int):
+    """A GPT-2-style HF byte-level BPE (HF's trainer and ByteLevel split), <|endoftext|> as the last id."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab - 1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    return tok
+
+
 def tokenize(args) -> None:
+    """HF tokenizers vs tiktoken side by side, the same tokenizer and texts, interleaved rounds: the encoders alone
+    (in this process, one thread) and `prepare` end to end (engine=hf | tiktoken, 1 and 2 workers)."""
+    import platform
+    from importlib.metadata import version
+
+    import numpy as np
+
+    from lengen_fast.bench.common import Timing, device_name, record
     from lengen_fast.data.prepare import prepare, train_bpe
+    from lengen_fast.data.tokenizer import choose_encoder
+    if args.out:
+        os.environ["LENGEN_RESULTS"] = str(Path(args.out) / "results.csv")
     texts, total = (_stdlib_texts if args.corpus == "stdlib" else _doc_texts)(args.mb)
+    mb = total / 1e6
     work = Path(tempfile.mkdtemp(prefix="lengen-prep-"))
+    workers = [int(w) for w in args.workers.split(",")]
+    vers = {k: version(k) for k in ("tiktoken", "tokenizers", "rustbpe")}
     try:
         with open(work / "corpus.jsonl", "w") as f:
             for t in texts:
                 f.write(json.dumps({"text": t}) + "\n")
-        t0 = time.perf_counter()
-        tok = train_bpe(texts[: max(len(texts) // 4, 1)], args.vocab)
-        t_train = time.perf_counter() - t0
-        tok.save(str(work / "tokenizer.json"))
-        import resource
-
-        def cpu():
-            a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-            return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-        rates, cpu_rates, enc_rates = [], [], []
+        toks = {}
+        c0 = _cpu()
+        toks["trained"] = train_bpe(texts, args.vocab)
+        print(f"rustbpe: {args.vocab}-token vocabulary trained on {mb:.1f} MB in {_cpu() - c0:.1f} CPU-s")
+        c0 = _cpu()
+        toks["hf_gpt2"] = _hf_gpt2_style(texts, args.vocab)
+        print(f"HF BpeTrainer: {args.vocab}-token vocabulary trained on {mb:.1f} MB in {_cpu() - c0:.1f} CPU-s")
+        for name, tok in toks.items():
+            tok.save(str(work / f"{name}.json"))
+        print(f"text {mb:.2f} MB ({len(texts)} {args.corpus} documents); {device_name()}; {platform.python_version()}; "
+              f"{vers}; load {os.getloadavg()[0]:.2f}")
+        res: dict = {}
         for rep in range(args.repeats):
-            c0 = time.process_time()
-            tok.encode_batch_fast(texts, add_special_tokens=False)  # the tokenizer alone, in-process
-            enc_rates.append(total / 1e6 / (time.process_time() - c0))
-            out = work / f"out{rep}"
-            c0 = cpu()
-            t0 = time.perf_counter()
-            m = prepare(work / "corpus.jsonl", out, tokenizer=str(work / "tokenizer.json"), workers=args.workers,
-                        shard_mb=args.shard_mb, progress=False)
-            dt = time.perf_counter() - t0
-            rates.append(m["totals"]["text_bytes"] / 1e6 / dt / args.workers)
-            cpu_rates.append(m["totals"]["text_bytes"] / 1e6 / (cpu() - c0))
-            shutil.rmtree(out)
-        print(f"text {total / 1e6:.1f} MB ({len(texts)} {args.corpus} files), BPE vocab {tok.get_vocab_size()} "
-              f"(trained on a quarter in {t_train:.1f} s), {m['totals']['tokens']:,} tokens, workers={args.workers}")
+            for name, tok in toks.items():
+                for engine in ("hf", "tiktoken"):
+                    enc = choose_encoder(tok, False, [], engine=engine).make()
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    lengths, _ = enc.encode(texts, np.uint16)
+                    res.setdefault(("encode", name, engine, 1), []).append(
+                        (time.perf_counter() - t0, time.process_time() - c0, int(lengths.sum()), ""))
+                    for w in workers:
+                        out = work / f"out-{name}-{engine}-{w}"
+                        c0, t0 = _cpu(), time.perf_counter()
+                        m = prepare(work / "corpus.jsonl", out, tokenizer=str(work / f"{name}.json"), workers=w,
+                                    shard_mb=args.shard_mb, engine=engine, progress=False)
+                        res.setdefault(("prepare", name, engine, w), []).append(
+                            (time.perf_counter() - t0, _cpu() - c0, m["totals"]["tokens"],
+                             m["tokenizer"]["engine"]))
+                        shutil.rmtree(out)
         med = (lambda xs: sorted(xs)[len(xs) // 2])
-        print(f"prepare, wall clock: {' '.join(f'{r:.2f}' for r in rates)} MB/s per worker (median {med(rates):.2f})")
-        print(f"prepare, CPU time:   {' '.join(f'{r:.2f}' for r in cpu_rates)} MB per CPU-second "
-              f"(median {med(cpu_rates):.2f})")
-        print(f"tokenizer alone (encode_batch_fast, CPU time): {' '.join(f'{r:.2f}' for r in enc_rates)} MB per "
-              f"CPU-second (median {med(enc_rates):.2f})")
+        print(f"{'op':8} {'tokenizer':9} {'engine':9} {'workers':>7} {'tokens':>10} {'MB/CPU-s':>9} {'wall MB/s':>10}"
+              f" {'CPU-s':>7}  (runs: MB/CPU-s)")
+        for (op, name, engine, w), runs in res.items():
+            wall, cpu = med([r[0] for r in runs]), med([r[1] for r in runs])
+            per_cpu = [mb / r[1] for r in runs]
+            assert all(r[3] in ("", engine) for r in runs), runs  # the engine asked for is the one that ran
+            print(f"{op:8} {name:9} {engine:9} {w:>7} {runs[0][2]:>10,} {mb / cpu:>9.2f} {mb / wall:>10.2f} {cpu:>7.2f}"
+                  f"  ({' '.join(f'{x:.2f}' for x in per_cpu)})")
+            q = sorted(r[0] * 1e3 for r in runs)
+            cfg = {"corpus": args.corpus, "mb": round(mb, 2), "docs": len(texts), "vocab": args.vocab,
+                   "tokenizer": name, "workers": w, "shard_mb": args.shard_mb, **vers}
+            record(f"tokenize_{op}", cfg, "tiktoken" if engine == "tiktoken" else "hf_tokenizers",
+                   Timing(wall * 1e3, q[0], q[-1], q), throughput=mb / cpu, unit="MB/CPU-s",
+                   note=f"wall {mb / wall:.2f} MB/s; CPU {cpu:.2f} s; {runs[0][2]} tokens; load "
+                        f"{os.getloadavg()[0]:.2f}; {args.repeats} interleaved rounds, medians")
+        for name in toks:
+            a, b = res[("encode", name, "hf", 1)][0][2], res[("encode", name, "tiktoken", 1)][0][2]
+            assert a == b, (name, a, b)  # the same ids, so the same counts
+    finally:
+        shutil.rmtree(work)
+
+
+def _busy() -> list[int]:
+    with open("/proc/stat") as f:
+        return [int(x) for x in f.readline().split()[1:]]
+
+
+def scaling(args) -> None:
+    """prepare on tiktoken with 1 and 2 workers, interleaved rounds; per round the cores our run used and the share
+    of the machine that was busy (/proc/stat), so rounds where a neighbour held a core can be told apart."""
+    from lengen_fast.bench.common import Timing, record
+    from lengen_fast.data.prepare import prepare, train_bpe
+    if args.out:
+        os.environ["LENGEN_RESULTS"] = str(Path(args.out) / "results.csv")
+    texts, total = _stdlib_texts(args.mb)
+    mb = total / 1e6
+    work = Path(tempfile.mkdtemp(prefix="lengen-scale-"))
+    try:
+        with open(work / "corpus.jsonl", "w") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+        train_bpe(texts[: len(texts) // 4], args.vocab).save(str(work / "tok.json"))
+        ncpu = os.cpu_count() or 1
+        print(f"{mb:.1f} MB of stdlib sources, {args.vocab}-token rustbpe vocabulary, engine tiktoken, shard_mb "
+              f"{args.shard_mb}, {ncpu} cores")
+        for r in range(args.repeats):
+            for w in (1, 2):
+                s0, t0, c0 = _busy(), time.perf_counter(), _cpu()
+                prepare(work / "corpus.jsonl", work / "out", tokenizer=str(work / "tok.json"), workers=w,
+                        shard_mb=args.shard_mb, engine="tiktoken", progress=False)
+                wall, cpu = time.perf_counter() - t0, _cpu() - c0
+                d = [b - a for a, b in zip(s0, _busy())]
+                busy = (sum(d) - d[3] - d[4]) / max(sum(d), 1) * ncpu
+                print(f"round {r} workers {w}: wall {mb / wall:6.2f} MB/s  {mb / cpu:6.2f} MB/CPU-s  cores used by "
+                      f"this run {cpu / wall:4.2f}, machine busy {busy:4.2f} of {ncpu}")
+                record("tokenize_scaling", {"corpus": "stdlib", "mb": round(mb, 2), "vocab": args.vocab, "workers": w,
+                                            "shard_mb": args.shard_mb, "round": r}, "tiktoken",
+                       Timing(wall * 1e3, wall * 1e3, wall * 1e3, [wall * 1e3]), throughput=mb / cpu,
+                       unit="MB/CPU-s", note=f"wall {mb / wall:.2f} MB/s; cores used {cpu / wall:.2f}; machine busy "
+                                             f"{busy:.2f} of {ncpu}")
+                shutil.rmtree(work / "out")
     finally:
         shutil.rmtree(work)
 
@@ -141,8 +240,7 @@ def open1b(args) -> None:
     import pyarrow as pa
 
     from lengen_fast.data.corpus import synthetic_lengths
-    from lengen_fast.data.prepare import (COLUMN, FORMAT, FORMAT_VERSION, _shard_record, shard_name,
-                                          _write_json)
+    from lengen_fast.data.shards import COLUMN, FORMAT, FORMAT_VERSION, shard_name, shard_record, write_manifest
     target = int(float(args.tokens))
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=False)
@@ -163,10 +261,10 @@ def open1b(args) -> None:
                 for b in pa.Table.from_arrays([arr], schema=schema).to_batches(max_chunksize=65536):
                     w.write_batch(b)
             del vals, arr
-            recs.append(_shard_record(d / shard_name(i), 0))
+            recs.append(shard_record(d / shard_name(i), 0))
         tok = {"fingerprint": "synthetic", "source": "synthetic", "file": None, "vocab_size": 65536,
                "add_special_tokens": False}
-        _write_json(d / "manifest.json", {
+        write_manifest(d, {
             "format": FORMAT, "version": FORMAT_VERSION, "complete": True, "plan": "synthetic", "column": COLUMN,
             "dtype": "uint16", "vocab_size": 65536, "tokenizer": tok, "source": {"fingerprint": "synthetic"},
             "shards": recs, "totals": {"docs": int(lengths.shape[0]), "tokens": int(lengths.sum())}})
@@ -188,14 +286,21 @@ def open1b(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("tokenize")
-    t.add_argument("--mb", type=float, default=40)
-    t.add_argument("--vocab", type=int, default=32000)
-    t.add_argument("--workers", type=int, default=1)
-    t.add_argument("--shard-mb", type=float, default=16)
+    t = sub.add_parser("tokenize", help="HF tokenizers vs tiktoken, side by side (rows to --out/results.csv)")
+    t.add_argument("--mb", type=float, default=4)
+    t.add_argument("--vocab", type=int, default=8192)
+    t.add_argument("--workers", default="1,2", help="comma-separated worker counts for prepare")
+    t.add_argument("--shard-mb", type=float, default=0.5)
     t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--out", default=None, help="append rows to OUT/results.csv (e.g. bench)")
     t.add_argument("--corpus", choices=("stdlib", "docs"), default="stdlib",
                    help="stdlib: Python sources; docs: copyright/README/.md/.rst/.txt prose on this machine")
+    sc = sub.add_parser("scaling", help="tiktoken prepare, 1 vs 2 workers, with the machine's busy share per round")
+    sc.add_argument("--mb", type=float, default=32)
+    sc.add_argument("--vocab", type=int, default=8192)
+    sc.add_argument("--shard-mb", type=float, default=2)
+    sc.add_argument("--repeats", type=int, default=5)
+    sc.add_argument("--out", default=None, help="append rows to OUT/results.csv (e.g. bench)")
     o = sub.add_parser("open1b")
     o.add_argument("--dir", required=True)
     o.add_argument("--tokens", default="1e9")
@@ -203,7 +308,7 @@ def main() -> None:
     o.add_argument("--repeats", type=int, default=3)
     o.add_argument("--keep", action="store_true")
     args = p.parse_args()
-    (tokenize if args.cmd == "tokenize" else open1b)(args)
+    {"tokenize": tokenize, "scaling": scaling, "open1b": open1b}[args.cmd](args)
 
 
 if __name__ == "__main__":

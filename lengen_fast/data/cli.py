@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return prep.run(args) if args.command == "prepare" else _audit(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except prep.ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
