@@ -293,9 +293,10 @@ def cpu_section(only=None, layouts=("a", "b")):
                                       "sdpa_dense_mask": sdpa_dense_fwd, "torch_reference": reference_fwd}, only,
                                      skip=slow_peers),
                    "fwd+bwd", reps, baseline="sdpa_per_doc")
-        # FlexAttention has no CPU backward: forward passes on their own.
-        run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd}, only), "fwd",
-                   reps, baseline="sdpa_per_doc")
+        # FlexAttention has no CPU backward: forward passes on their own; then the backward of one saved forward.
+        for mode in ("fwd", "bwd"):
+            run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd}, only), mode,
+                       reps, baseline="sdpa_per_doc")
         if (only is None or "flex_attention" in only) and "flex_attention" not in slow_peers:
             flex_rows(cfg, "cpu", "fwd", reps, peak=None)
 
