@@ -9,6 +9,7 @@ dP - delta as sum_d dO (V - O) (exact 0 where a row sees one key) and runs 16-bi
 of O.
 """
 import inspect
+import os
 from dataclasses import replace
 
 import pytest
@@ -49,7 +50,8 @@ def test_cpu_matches_reference(name):
 
 
 ISA_LEVELS = ["portable", "avx2", "avx512"]
-ISA_CASES = ["mixed_causal_gqa", "softcap", "d8", "d40", "d128", "strided_head_dim", "window_diagonal_only"]
+ISA_CASES = ["mixed_causal_gqa", "softcap", "d8", "d40", "d128", "strided_head_dim", "window_diagonal_only",
+             "multichunk_causal_gqa"]
 
 
 @pytest.mark.parametrize("level", ISA_LEVELS)
@@ -99,6 +101,33 @@ def test_deterministic_backward_bitwise():
     second = _run(c, q, k, v, dout, cu_q, cu_k, "cpu", deterministic=True)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+_BITS_SCRIPT = """
+import hashlib, sys, torch
+sys.path[:0] = sys.argv[1:2]
+from helpers.attention_cases import Case, make_inputs, run_op
+c = Case((1100, 16, 16, 0, 300, 5), H=4, H_kv=2, D=32, window=(600, -1), softcap=4.0, tail=1)
+got = run_op(c, make_inputs(c, seed=3), "cpu", deterministic=True)
+print(hashlib.sha256(b"".join(x.detach().contiguous().numpy().tobytes() for x in got)).hexdigest())
+"""
+
+
+def test_deterministic_across_thread_counts():
+    # Every gradient element is summed in an order fixed by the document lengths alone (dk/dv in one unit; dq of
+    # a long document in key chunks added in chunk order), so 1 and 3 OpenMP threads give the same bits.
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    digests = set()
+    for n in ("1", "3"):
+        r = subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(tests)], env={**env, "OMP_NUM_THREADS": n},
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        digests.add(r.stdout.strip())
+    assert len(digests) == 1
 
 
 def test_default_backend_on_cpu_is_cpp():

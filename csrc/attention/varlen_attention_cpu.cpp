@@ -1,14 +1,18 @@
 // Varlen document-masked attention on the CPU (FA2-style, fp32 accumulation, OpenMP).
 //
-// Work units: forward and dq are (document, head, q-tile of BQ rows); dk/dv are (document, kv head, key tile of BK
-// keys), which loop over the query heads of their GQA group and over the q tiles that can see them. Each unit owns
-// its output rows, so there are no atomics and results do not depend on the schedule (the backward is always
-// deterministic). Units are sorted by cost (visible keys x rows) and handed out dynamically, so one long document
-// does not leave threads idle while many short ones finish.
+// Work units: the forward is (document, head, q tile of BQ rows); the backward is one pass over (document, kv head,
+// chunk of key tiles), which recomputes P and dP - delta once per (q tile, key tile) pair and accumulates dq, dk
+// and dv from them (FA2's loop order). Each unit owns its dk/dv rows; dq of a document with several chunks goes
+// through per-chunk partial slices summed in chunk order. No atomics, and the split depends only on the document
+// lengths, so results do not depend on the thread count or schedule (the backward is always deterministic). Units
+// are sorted by cost (visible keys x rows) and handed out dynamically, so one long document does not leave threads
+// idle while many short ones finish.
 //
-// Tiles are converted to fp32 in per-thread scratch (row-major (rows, Dp) or transposed (Dp, 64), Dp = D rounded
-// up to 16). The micro-kernels use GCC/Clang vector extensions of VW floats (one register of the ISA) with 4 rows
-// x NB vectors of accumulators held in registers.
+// fp32 inputs contiguous along D (with D a multiple of 16) are read in place by the micro-kernels; other tiles are
+// converted to fp32 in per-thread scratch (row-major (rows, Dp) or transposed (Dp, width), Dp = D rounded up to
+// 16). The micro-kernels use GCC/Clang vector extensions of VW floats (one register of the ISA) with 4 rows x NB
+// vectors of accumulators held in registers, and skip, per block of 4 rows, the columns or contraction indices
+// that the mask removes for all 4 rows (half of a diagonal tile).
 //
 // The kernels live in varlen_attention_cpu_kernels.inc, compiled here once per ISA: the portable baseline (SSE2
 // on x86-64: 4-float vectors), AVX2+FMA (8) and AVX-512 (16), chosen per call by lf::cpu_isa() (LENGEN_CPU_ISA
@@ -20,7 +24,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"

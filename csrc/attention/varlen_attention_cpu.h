@@ -28,8 +28,9 @@ struct Problem {
 void forward(const Problem& p, const void* q, Strides3 sq, const void* k, Strides3 sk, const void* v,
              Strides3 sv, void* out, float* lse);
 
-// dq (Tq, H, D), dk / dv (Tk, Hkv, D) in dtype. Deterministic: every output element
-// is reduced by one thread in a fixed order (dk/dv over the query heads of a GQA group, then over q tiles).
+// dq (Tq, H, D), dk / dv (Tk, Hkv, D) in dtype. Deterministic for any thread count: every output element is
+// summed in an order fixed by the document lengths (dk/dv by one unit, over the query heads of a GQA group, then
+// over q tiles; dq of a long document per key chunk, the chunks' partial sums added in chunk order).
 void backward(const Problem& p, const void* dout, Strides3 sdo, const void* q, Strides3 sq, const void* k,
               Strides3 sk, const void* v, Strides3 sv, const void* out, Strides3 so, const float* lse,
               void* dq, void* dk, void* dv);

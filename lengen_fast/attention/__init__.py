@@ -4,7 +4,9 @@ file:
   api.py            varlen_attention, flash_attn_varlen_func: argument checks, then the custom op
   op.py             custom ops lengen::varlen_attention_fwd/bwd, fakes, autograd, the per-backend impl tables
   triton_fwd.py     Triton forward kernel (FA2 online softmax)
-  triton_bwd.py     Triton backward kernels (delta, dk/dv, dq)
+  triton_bwd.py     Triton backward: the launcher (delta, then dk/dv and dq)
+  triton_bwd_delta.py, triton_bwd_doc.py, triton_bwd_packed.py   its kernels: delta; per-document tiles;
+                    multi-document tiles for short documents
   triton_sched.py   device-side tile schedule and kernel config choice (autotuning)
   triton_common.py  @triton.jit helpers shared by forward and backward (masks, scores, loads, LOG2E)
 

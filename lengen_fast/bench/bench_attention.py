@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 from pathlib import Path
 import time
 from dataclasses import asdict, dataclass
@@ -75,12 +76,31 @@ def layout_lengths(layout: str, total: int) -> list[int]:
     return [16] * (total // 16)
 
 
+def cpu_ids() -> str:
+    """'family F model M stepping S' of /proc/cpuinfo: the exact part where the model name is generic (VMs)."""
+    ids = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model", "stepping") and key not in ids:
+                    ids[key] = val.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        return ""
+    return " ".join(f"{k.split()[-1]} {ids[k]}" for k in ("cpu family", "model", "stepping") if k in ids)
+
+
 def threads(device: str) -> dict:
-    """CPU thread counts (torch intra-op, lengen's OpenMP), part of each CPU row's config."""
+    """CPU thread counts (torch intra-op, lengen's OpenMP), the instruction set the C++ kernels run (LENGEN_CPU_ISA
+    forces one) and the CPU's family / model: part of each CPU row's config."""
     if device != "cpu":
         return {}
     ext = backends.cpu_ext()
-    return {"torch_threads": torch.get_num_threads(), "omp_threads": ext.num_threads() if ext else None}
+    return {"torch_threads": torch.get_num_threads(), "omp_threads": ext.num_threads() if ext else None,
+            "cpu_isa": ext.cpu_isa() if ext else None, "cpu_ids": cpu_ids()}
 
 
 def attn_flops(lens: list[int], H: int, D: int, causal: bool) -> float:
@@ -210,7 +230,8 @@ def run_config(cfg: Config, device: str, providers: dict, mode: str, reps: int, 
         print(f"  {name}: {time.perf_counter() - t0:.1f} s wall", flush=True)
         tflops = flops / (t.median_ms * 1e-3) / 1e12
         rows.append(record("attention", conf, name, t, device=device, throughput=tflops, unit="TFLOP/s",
-                           ratio_to_peak=None if peak is None else tflops / peak))
+                           ratio_to_peak=None if peak is None else tflops / peak,
+                           note=f"load1={os.getloadavg()[0]:.2f}" if device == "cpu" else ""))
     print_table(rows, baseline=baseline)
     return rows
 
@@ -272,9 +293,10 @@ def cpu_section(only=None, layouts=("a", "b")):
                                       "sdpa_dense_mask": sdpa_dense_fwd, "torch_reference": reference_fwd}, only,
                                      skip=slow_peers),
                    "fwd+bwd", reps, baseline="sdpa_per_doc")
-        # FlexAttention has no CPU backward: forward passes on their own.
-        run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd}, only), "fwd",
-                   reps, baseline="sdpa_per_doc")
+        # FlexAttention has no CPU backward: forward passes on their own; then the backward of one saved forward.
+        for mode in ("fwd", "bwd"):
+            run_config(cfg, "cpu", _only({"lengen_cpu": lengen_fwd, "sdpa_per_doc": sdpa_per_doc_fwd}, only), mode,
+                       reps, baseline="sdpa_per_doc")
         if (only is None or "flex_attention" in only) and "flex_attention" not in slow_peers:
             flex_rows(cfg, "cpu", "fwd", reps, peak=None)
 

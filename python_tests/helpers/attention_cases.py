@@ -180,6 +180,14 @@ CASES = {
     "d40": Case((70, 3), D=40, H_kv=1),
     "d128": Case((100,), D=128, H=2, H_kv=1),
     "d256": Case((70,), D=256, H=1, H_kv=1, causal=False),
+    # documents of more than 1024 keys: the C++ backward splits their keys into chunks (units of its own) whose dq
+    # partial sums are added in chunk order; causal + GQA, a window with s_q != s_k, non-causal with softcap
+    "multichunk_causal_gqa": Case((1100, 17, 0, 300), H=4, H_kv=2, D=32, tail=2),
+    "multichunk_window_sq_ne_sk": Case((1040, 40), (1300, 30), H=2, H_kv=1, D=32, window=(200, -1)),
+    "multichunk_noncausal_softcap": Case((1030, 5), causal=False, H=2, H_kv=2, D=32, softcap=4.0),
+    # a 2,000-token document: dv / dk of a key sum ~2,000 query rows (one fp32 chain of that length gave 1.4x the
+    # bound on dv; the kernels now sum each tile from 0 and add tile sums)
+    "long_doc_2000": Case((2000,), H=2, H_kv=2, D=64),
     # half precision (fp32 accumulation inside)
     "fp16": Case((0, 1, 130, 20), dtype=torch.float16, tail=2),
     "bf16": Case((0, 1, 130, 20), dtype=torch.bfloat16, tail=2, window=(40, -1)),
