@@ -23,6 +23,7 @@ from lengen_fast.attention import op
 
 from helpers.attention_cases import (CASES, SMALL_CASES, Case, backend_atol, check_outputs, cu_seqlens,
                                      make_inputs, run_op)
+from helpers.subproc import pkg_env
 
 HAS_TRITON = "triton" in op._supported() and backends.available("attention", "triton", torch.device("cpu"))
 
@@ -120,7 +121,7 @@ def test_deterministic_across_thread_counts():
     import sys
     from pathlib import Path
     tests = Path(__file__).resolve().parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    env = pkg_env()
     digests = set()
     for n in ("1", "3"):
         r = subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(tests)], env={**env, "OMP_NUM_THREADS": n},

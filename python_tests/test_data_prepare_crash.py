@@ -24,10 +24,10 @@ from lengen_fast.data import open_tokens
 from lengen_fast.data.prepare import HOOK_ENV
 from lengen_fast.data.shards import LOCK_NAME
 from lengen_fast.data.tokenizer import train_bpe
+from helpers.subproc import pkg_env  # noqa: E402
 
 pytest.importorskip("tiktoken")
 WORDS = ["alpha", "beta", "gamma", "délta", "ε", "zeta", "θ", "iota", "kappa", "λ", "\n", "  ", "数据", "def", "()"]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _texts(n, seed):
@@ -96,7 +96,7 @@ def _cli(out, tok, log, hook=None, base=None, workers=1, extra=(), timeout=120):
     if "--train-tokenizer" in tok:
         argv = ["prepare", str(base), "--out", str(out), *tok, "--shard-mb", "0.008", "--workers", str(workers),
                 "--no-progress", *extra]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = pkg_env()
         env.pop(HOOK_ENV, None)
         env.update({HOOK_ENV: hook} if hook else {})
         r = subprocess.run([sys.executable, "-m", "lengen_fast.data.cli", *argv], env=env, capture_output=True,
@@ -188,7 +188,7 @@ def test_a_worker_killed_under_the_pool_is_an_error_not_a_hang(tmp_path, setup):
 def test_through_the_command_line_entry_point(tmp_path, setup):
     """The same through a fresh interpreter (`python -m lengen_fast.data.prepare`)."""
     out = tmp_path / "out"
-    env = {**os.environ, HOOK_ENV: "kill@shard:1", "PYTHONPATH": str(ROOT)}
+    env = pkg_env(**{HOOK_ENV: "kill@shard:1"})
     cmd = [sys.executable, "-m", "lengen_fast.data.prepare", str(setup["src"]), "--out", str(out), *setup["given"],
            "--shard-mb", "0.008", "--workers", "2", "--no-progress"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -24,10 +24,10 @@ from lengen_fast.train.model import Transformer
 from lengen_fast.train.plan import make_plan
 from lengen_fast.train.trainer import Budget, Run
 from lengen_fast.train.workload import TaskWorkload
+from helpers.subproc import pkg_env  # noqa: E402
 
 WORLD = 2
 STEPS = 20
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(out: Path) -> RunConfig:
@@ -314,7 +314,7 @@ def test_single_process_context_is_a_no_op():
 # ------------------------------------------------------------------------------- the launcher
 def test_lengen_train_nproc_2_end_to_end(tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = pkg_env()
     flags = ("--nproc 2 --tasks copy_unique --arms vsl --seeds 1 --no-extend --steps 4 --evals 2 "
              "--train-examples 80 --eval-examples 4 --train-max-len 6 --eval-multiples 1,2 --alphabet 16 "
              "--d-model 16 --n-layers 1 --n-heads 2 --max-positions 128 --tokens-per-batch 128 "

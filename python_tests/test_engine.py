@@ -14,8 +14,8 @@ import pytest
 from lengen_fast.fsio import atomic_write, atomic_write_text
 from lengen_fast.train import cli, stats
 from lengen_fast.train.replicate import compare_reports, main as replicate_main
+from helpers.subproc import pkg_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "quick", "--tasks", "passkey,majority", "--arms", "pack_naive,pack_masked", "--no-extend",
         "--no-progress", "--steps", "12", "--evals", "2", "--d-model", "16", "--n-heads", "2", "--threads", "1"]
 LM_TINY = ["lm", "--preset", "quick", "--arms", "concat,dd_natural", "--no-extend", "--no-progress",
@@ -159,7 +159,7 @@ def test_lm_resume_continues_and_refuses_a_changed_arm_set(tmp_path, capsys):
 
 def test_lm_nproc_2_end_to_end(tmp_path):
     out = tmp_path / "lm2"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = pkg_env()
     cmd = [sys.executable, "-m", "lengen_fast.train", *LM_TINY, "--seeds", "1", "--nproc", "2", "--workers", "1",
            "--threads", "1", "--out", str(out)]
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers.subproc import pkg_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--tasks", "copy_unique", "--arms", "vsl,pack_masked", "--seeds", "1", "--no-extend", "--steps", "60",
          "--evals", "4", "--train-examples", "200", "--eval-examples", "4", "--train-max-len", "6",
          "--eval-multiples", "1,2", "--alphabet", "16", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
@@ -19,8 +19,7 @@ FLAGS = ["--tasks", "copy_unique", "--arms", "vsl,pack_masked", "--seeds", "1", 
 
 
 def env():
-    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                OMP_NUM_THREADS="1")
+    return pkg_env(OMP_NUM_THREADS="1")
 
 
 def results(out: Path) -> dict:

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +20,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noq
 from helpers.hf_models import config  # noqa: E402
 from lengen_fast.data import open_tokens, synthetic_table  # noqa: E402
 from lengen_fast.integrations import hf  # noqa: E402
+from helpers.subproc import pkg_env  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 V = 97
 
 
@@ -217,7 +216,7 @@ torch.save({"world": ds.world, "seen": seen}, os.path.join(sys.argv[1], f"rank{o
 def test_two_process_trainer_gives_each_rank_its_own_shard(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = pkg_env(OMP_NUM_THREADS="1")
     with socket.socket() as sock:   # a free port (torchrun's static rendezvous does not take port 0)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
