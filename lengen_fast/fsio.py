@@ -63,7 +63,7 @@ def atomic_write(path, write: Callable, *, binary: bool = True, fsync: bool = Tr
             pass
         if full and not isinstance(e, KeyboardInterrupt):
             raise OSError(errno.ENOSPC, f"no space left on the device while writing {str(path)!r} (nothing was "
-                                        "written there; any previous version is unchanged)", str(path)) from e
+                                        "written there; any previous version is unchanged)") from e  # path once
         raise
     if fsync:
         _fsync_dir(path.parent)

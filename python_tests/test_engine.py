@@ -140,8 +140,9 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
     def full_disk(f):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(OSError, match=r"no space left on the device while writing .*report.json"):
+    with pytest.raises(OSError, match=r"no space left on the device while writing .*report.json") as e:
         atomic_write(p, full_disk)
+    assert str(e.value).count(str(p)) == 1, str(e.value)  # the path once, not again as OSError's filename
     assert p.read_text() == "old" and sorted(x.name for x in tmp_path.iterdir()) == ["report.json"]
 
 
