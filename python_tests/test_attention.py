@@ -125,7 +125,7 @@ def test_deterministic_across_thread_counts():
     digests = set()
     for n in ("1", "3"):
         r = subprocess.run([sys.executable, "-c", _BITS_SCRIPT, str(tests)], env={**env, "OMP_NUM_THREADS": n},
-                           capture_output=True, text=True, timeout=300)
+                           cwd=tests, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         digests.add(r.stdout.strip())
     assert len(digests) == 1
