@@ -210,6 +210,11 @@ args = TrainingArguments(sys.argv[1], max_steps=4, per_device_train_batch_size=1
                          disable_tqdm=True, use_cpu=True)
 Trainer(model=model, args=args, train_dataset=ds, data_collator=hf.PackedCollator()).train()
 torch.save({"world": ds.world, "seen": seen}, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+# A gloo group left to interpreter exit can abort a rank ("terminate called without an active exception", SIGABRT;
+# seen once in CI on 2026-12-05): end it as a torchrun script should.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
