@@ -43,6 +43,8 @@ def test_results_do_not_depend_on_the_worker_count(tmp_path, capsys):
     assert set(ra) == {(arm, s) for arm in ("pack_naive", "pack_masked") for s in (0, 1)}
     assert ra == rb                                          # bit for bit: each (arm, seed) depends on the seed alone
     assert json.loads((b / "report.json").read_text())["derived"]["workers"] == 2
+    for d in (a, b):  # the header names the threads each training process used (--threads 1), not the parent's
+        assert "(1 torch threads)" in (d / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------ power

@@ -252,6 +252,8 @@ def run(plan: Plan, log=print) -> dict:
     t0, load0 = time.time(), (os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     run_info = runinfo.collect(device=ctx.device, parallel=ctx.parallel if ctx.enabled else "none",
                                requested_backends={"attention": tr.attn_backend or None})
+    if run_info["device"]["type"] == "cpu":  # what each training process uses, not this (parent) process's count
+        run_info["device"]["torch_threads"] = threads_per_worker(plan)
     seeds, results, rounds, stop = list(tr.seeds), {}, [], None
     while True:
         r0 = time.time()
