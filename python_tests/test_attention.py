@@ -345,3 +345,40 @@ def test_flash_attn_varlen_func_unsupported_features(kw, match):
     g = _good()
     with pytest.raises(ValueError, match=match):
         lengen_fast.flash_attn_varlen_func(g["q"], g["k"], g["v"], g["cu_seqlens_q"], g["cu_seqlens_q"], 6, 6, **kw)
+
+
+@pytest.mark.parametrize("level", ISA_LEVELS)
+def test_streamed_outputs_match_small_batches(level, monkeypatch):
+    # Outputs of >= 8 MiB (kStreamBytes) are written with non-temporal stores (each ISA its own width). Each
+    # document's result depends only on its own rows, so a document computed inside a 16 MiB batch (streamed: out,
+    # dq, dk, dv; one 2,100-token document takes the multi-chunk dq reduction) must equal, bit for bit, the same
+    # document computed alone (outputs far below the threshold, plain stores). Tail tokens past cu[B] stay zero.
+    ext = backends.cpu_ext()
+    if ext is None:
+        pytest.skip("lengen_fast._C not built")
+    if ISA_LEVELS.index(level) > ISA_LEVELS.index(ext.cpu_isa_detected()):
+        pytest.skip(f"this CPU has no {level} (best: {ext.cpu_isa_detected()})")
+    monkeypatch.setenv("LENGEN_CPU_ISA", level)
+    H, D = 8, 64
+    lens = [2100] + [16] * 300 + [37] * 90 + [5]            # 8,235 tokens: 2 KiB of fp32 per token and tensor
+    T = sum(lens) + 3                                        # + 3 tail tokens outside every document
+    assert T * H * D * 4 >= 8 << 20
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(T, H, D, generator=g) for _ in range(4))
+    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
+
+    def run(a, b):                                           # documents a..b-1 (and the tail when b is the end)
+        t0, t1 = starts[a], (T if b == len(lens) else starts[b])
+        cu = torch.tensor([s - t0 for s in starts[a:b + 1]], dtype=torch.int32)
+        xs = [x[t0:t1].clone().requires_grad_() for x in (q, k, v)]
+        out = varlen_attention(*xs, cu, None, max(lens[a:b]), max(lens[a:b]), causal=True)
+        return (out, *torch.autograd.grad(out, xs, dout[t0:t1]))
+
+    big = run(0, len(lens))
+    for a in (0, 1, 150, 300, 345, len(lens) - 1):           # the long one, short ones, the last (before the tail)
+        small = run(a, a + 1)
+        t0, t1 = starts[a], starts[a + 1]
+        for name, x, y in zip(("out", "dq", "dk", "dv"), big, small):
+            assert torch.equal(x[t0:t1], y[: t1 - t0]), f"document {a}: {name} differs"
+    for x in big:
+        assert torch.count_nonzero(x[starts[-1]:]) == 0

@@ -16,7 +16,8 @@
 //
 // The kernels live in varlen_attention_cpu_kernels.inc, compiled here once per ISA: the portable baseline (SSE2
 // on x86-64: 4-float vectors), AVX2+FMA (8) and AVX-512 (16), chosen per call by lf::cpu_isa() (LENGEN_CPU_ISA
-// forces one), so one wheel runs everywhere and still uses the wide units. #pragma GCC target applies to every
+// forces one), so one wheel runs everywhere and still uses the wide units. Outputs of 8 MiB or more are written with
+// non-temporal stores (vstream: no read-for-ownership of lines that would not stay in cache anyway). #pragma GCC target applies to every
 // function of its region, OpenMP's outlined bodies included. FMA contraction makes the paths differ by rounding.
 #include "attention/varlen_attention_cpu.h"
 
@@ -33,9 +34,15 @@
 #include "common/half.h"
 #include "common/isa.h"
 
+#if LF_X86
+#include <immintrin.h>  // _mm*_stream_ps, _mm_sfence (vstream)
+#endif
+
 namespace lf {
 namespace attn {
 
+// LF_ATTN_STREAM: the width of the non-temporal store of each variant (vstream), 0 where there is none.
+#define LF_ATTN_STREAM (LF_X86 ? 128 : 0)
 namespace portable {
 constexpr int VW = 4, NB = 2;  // SSE2: 4 rows x 2 vectors of accumulators = 8 of 16 xmm
 #include "attention/varlen_attention_cpu_kernels.inc"
@@ -45,6 +52,8 @@ constexpr int VW = 4, NB = 2;  // SSE2: 4 rows x 2 vectors of accumulators = 8 o
 #define LF_ATTN_SIMD 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")  // = LF_TARGET_AVX2 (common/isa.h)
+#undef LF_ATTN_STREAM
+#define LF_ATTN_STREAM 256
 namespace avx2 {
 constexpr int VW = 8, NB = 2;  // 8 of 16 ymm
 #include "attention/varlen_attention_cpu_kernels.inc"
@@ -52,6 +61,8 @@ constexpr int VW = 8, NB = 2;  // 8 of 16 ymm
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx2,fma,f16c,bmi,bmi2,popcnt")  // = LF_TARGET_AVX512
+#undef LF_ATTN_STREAM
+#define LF_ATTN_STREAM 512
 namespace avx512 {
 constexpr int VW = 16, NB = 4;  // 16 of 32 zmm
 #include "attention/varlen_attention_cpu_kernels.inc"
