@@ -16,9 +16,10 @@
 //
 // The kernels live in varlen_attention_cpu_kernels.inc, compiled here once per ISA: the portable baseline (SSE2
 // on x86-64: 4-float vectors), AVX2+FMA (8) and AVX-512 (16), chosen per call by lf::cpu_isa() (LENGEN_CPU_ISA
-// forces one), so one wheel runs everywhere and still uses the wide units. Outputs of 8 MiB or more are written with
-// non-temporal stores (vstream: no read-for-ownership of lines that would not stay in cache anyway). #pragma GCC target applies to every
+// forces one), so one wheel runs everywhere and still uses the wide units. #pragma GCC target applies to every
 // function of its region, OpenMP's outlined bodies included. FMA contraction makes the paths differ by rounding.
+// Outputs of 8 MiB or more are written with non-temporal stores (vstream: no read-for-ownership of lines that would
+// not stay in cache anyway).
 #include "attention/varlen_attention_cpu.h"
 
 #include <algorithm>
