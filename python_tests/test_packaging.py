@@ -126,6 +126,13 @@ def test_version_has_one_source():
         assert installed == lengen_fast.__version__
 
 
+def test_no_module_over_450_lines():
+    # Issue 20's rule for the package: each module answers one question, and none is over 450 lines.
+    long = {str(f.relative_to(ROOT)): n for f in sorted((ROOT / "lengen_fast").rglob("*.py"))
+            if (n := len(f.read_text().splitlines())) > 450}
+    assert not long, f"modules over 450 lines: {long}"
+
+
 def test_python_floor_matches_cmake():
     floor = re.search(r'^requires-python = ">=(\d+\.\d+)"$', _pyproject(), re.M).group(1)
     cmake = (ROOT / "CMakeLists.txt").read_text()
