@@ -86,3 +86,24 @@ def test_gpu_check_calls_the_packaged_modules():
     # rows go to the repository's record of published figures unless LENGEN_RESULTS (the dry run) says otherwise
     assert "RESULTS=${LENGEN_RESULTS:-bench/results.csv}" in script and "export LENGEN_RESULTS=$RESULTS" in script
     assert not re.search(r"python bench/", script)
+
+
+def test_measure_counts_page_faults_per_call():
+    # A call that maps and touches 8 MiB of fresh memory faults in >= 2,048 pages (4 KiB each; huge pages are
+    # declined with madvise, for machines whose THP mode is "always"); a call that allocates nothing faults ~none.
+    import mmap
+    import sys
+
+    if sys.platform != "linux":
+        pytest.skip("page-fault counts are read with getrusage on Linux")
+
+    def touch():
+        m = mmap.mmap(-1, 8 << 20)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+        for off in range(0, 8 << 20, 4096):
+            m[off] = 1
+        m.close()
+
+    assert common.measure(touch, warmup=1, reps=3).minflt_per_call >= 2048
+    assert common.measure(lambda: None, warmup=1, reps=50).minflt_per_call < 50

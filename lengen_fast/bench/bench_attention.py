@@ -231,7 +231,8 @@ def run_config(cfg: Config, device: str, providers: dict, mode: str, reps: int, 
         tflops = flops / (t.median_ms * 1e-3) / 1e12
         rows.append(record("attention", conf, name, t, device=device, throughput=tflops, unit="TFLOP/s",
                            ratio_to_peak=None if peak is None else tflops / peak,
-                           note=f"load1={os.getloadavg()[0]:.2f}" if device == "cpu" else ""))
+                           note=f"load1={os.getloadavg()[0]:.2f}; minflt/call={t.minflt_per_call:.0f}"
+                           if device == "cpu" else ""))
     print_table(rows, baseline=baseline)
     return rows
 

@@ -98,6 +98,9 @@ class Timing:
     p20_ms: float
     p80_ms: float
     times_ms: list
+    # minor page faults per timed call (this process): fresh large outputs can be faulted in on every call,
+    # depending on the allocator's state, which doubled one CPU attention backward (notes/attention.md)
+    minflt_per_call: float = 0.0
 
 
 def _sync(device):
@@ -123,6 +126,15 @@ def gpu_warmup(device, seconds: float = 1.0) -> None:
         torch.cuda.synchronize(device)
 
 
+def _minflt() -> int:
+    """Minor page faults of this process so far (0 where the resource module is missing: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: int = 10,
             min_time_s: float = 0.0, max_time_s: float = 30.0) -> Timing:
     """Run fn warmup times, then at least reps times (until min_time_s); return quantiles in ms."""
@@ -131,6 +143,7 @@ def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: in
         fn()
     _sync(device)
     times = []
+    flt0 = _minflt()
     start = time.perf_counter()
     while len(times) < reps or (time.perf_counter() - start) < min_time_s:
         t0 = time.perf_counter()
@@ -140,7 +153,8 @@ def measure(fn: Callable[[], object], *, device="cpu", warmup: int = 2, reps: in
         if time.perf_counter() - start > max_time_s and len(times) >= 3:
             break
     q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
-    return Timing(statistics.median(times), q[1], q[7], times)
+    flt = (_minflt() - flt0) / len(times)
+    return Timing(statistics.median(times), q[1], q[7], times, flt)
 
 
 def record(op: str, config: dict, provider: str, t: Timing, *, device="cpu",
