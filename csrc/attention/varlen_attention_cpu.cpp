@@ -35,6 +35,9 @@
 #include "common/half.h"
 #include "common/isa.h"
 
+#ifdef _OPENMP
+#include <omp.h>  // omp_get_num_threads (prefetch_distance)
+#endif
 #if LF_X86
 #include <immintrin.h>  // _mm*_stream_ps, _mm_sfence (vstream)
 #endif
