@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lengen_fast.fsio import atomic_write, atomic_write_text
 from lengen_fast.train import cli, stats
@@ -37,14 +38,20 @@ def results(out: Path) -> dict:
 def test_results_do_not_depend_on_the_worker_count(tmp_path, capsys):
     a, b = tmp_path / "w1", tmp_path / "w2"
     assert cli.main(TINY + ["--seeds", "0,1", "--workers", "1", "--out", str(a)]) == 0
-    assert cli.main(TINY + ["--seeds", "0,1", "--workers", "2", "--out", str(b)]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parent's count, which the workers (--threads 1) do not use
+    try:
+        assert cli.main(TINY + ["--seeds", "0,1", "--workers", "2", "--out", str(b)]) == 0
+    finally:
+        torch.set_num_threads(before)
     assert "2 seeds on 2 worker processes" in capsys.readouterr().out
     ra, rb = results(a), results(b)
     assert set(ra) == {(arm, s) for arm in ("pack_naive", "pack_masked") for s in (0, 1)}
     assert ra == rb                                          # bit for bit: each (arm, seed) depends on the seed alone
     assert json.loads((b / "report.json").read_text())["derived"]["workers"] == 2
     for d in (a, b):  # the header names the threads each training process used (--threads 1), not the parent's
-        assert "(1 torch threads)" in (d / "report.md").read_text()
+        md = (d / "report.md").read_text()
+        assert "(1 torch threads)" in md and "1 torch threads per worker" in md   # header and "Measured on" agree
 
 
 # ------------------------------------------------------------------------------------------ power
@@ -95,6 +102,9 @@ def test_replicate_reruns_with_disjoint_seeds_and_counts_moves(tmp_path, capsys)
     assert res["compared"] == len(again["comparisons"]) > 0
     assert set(res["moved"]) == {"holds <-> inconclusive", "holds <-> opposite", "inconclusive <-> opposite"}
     assert "verdicts moved holds <-> opposite" in printed and "# Replication of" in printed
+    table = [ln for ln in (out / "replicate" / "replication.md").read_text().splitlines() if ln.startswith("|")]
+    assert len(table) == 2 + res["compared"]
+    assert len({ln.count("|") for ln in table}) == 1    # header, rule and rows have the same number of columns
 
 
 def test_compare_reports_counts_each_kind_of_move():

@@ -294,7 +294,8 @@ def assemble(plan: Plan, results: dict, run_info: dict, t0: float, load0, seeds_
     first = next((r for s in order for r in results[s]["runs"]), None)
     run_info["dtype"] = first["dtype"] if first else None
     rep = {"version": REPORT_VERSION, "workload": cfg.workload, "mode": plan.mode, "run": run_info, "config": cfg.to_dict(),
-           "command": plan.command, "machine": machine() | {"load_avg_1min_start": load0},
+           "command": plan.command, "machine": machine() | {"load_avg_1min_start": load0,
+                                                                   "threads": threads_per_worker(plan)},
            "wall_seconds": time.time() - t0, "derived": dict(plan.derived), "baseline": plan.baseline,
            "seeds": {"list": order, **seeds_info}, "warnings": list(plan.warnings),
            "arms": [{"name": a.name, **a.knobs(), **plan.derived["arms"][a.name]} for a in plan.arms],

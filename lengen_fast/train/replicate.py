@@ -79,7 +79,8 @@ def markdown(res: dict, a_dir, b_dir, what: str) -> str:
              f"(of {2 * res['compared']} estimates)",
              f"- headline: {h['holds_a']} held in the original, {h['holds_survived']} still hold; {h['moved']} of "
              f"{h['compared']} verdicts moved, {h['holds_to_opposite']} of them between holds and opposite\n",
-             "| comparison | original | verdict | re-run | verdict |", "|---|---|---|---|---|"]
+             "| comparison | metric | checkpoint | original | verdict | re-run | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         mark = " ⚠" if r["moved"] else ""
         lines.append(f"| {r['key']}{' (headline)' if r['group'] == 'headline' else ''} | {fmt_ci(r['a_diff'], 3, True)}"
