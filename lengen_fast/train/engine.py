@@ -294,8 +294,7 @@ def assemble(plan: Plan, results: dict, run_info: dict, t0: float, load0, seeds_
     first = next((r for s in order for r in results[s]["runs"]), None)
     run_info["dtype"] = first["dtype"] if first else None
     rep = {"version": REPORT_VERSION, "workload": cfg.workload, "mode": plan.mode, "run": run_info, "config": cfg.to_dict(),
-           "command": plan.command, "machine": machine() | {"load_avg_1min_start": load0,
-                                                                   "threads": threads_per_worker(plan)},
+           "command": plan.command, "machine": machine(threads_per_worker(plan)) | {"load_avg_1min_start": load0},
            "wall_seconds": time.time() - t0, "derived": dict(plan.derived), "baseline": plan.baseline,
            "seeds": {"list": order, **seeds_info}, "warnings": list(plan.warnings),
            "arms": [{"name": a.name, **a.knobs(), **plan.derived["arms"][a.name]} for a in plan.arms],
@@ -314,12 +313,13 @@ def assemble(plan: Plan, results: dict, run_info: dict, t0: float, load0, seeds_
     return rep
 
 
-def machine() -> dict:
-    """The host, its load and the versions a report needs to be told apart from another machine's."""
+def machine(threads: int) -> dict:
+    """The host, its load and the versions a report needs to be told apart from another machine's; threads: the
+    torch threads of each training process (the workers', not this parent's own count)."""
     import platform
     dev = distributed.context().device
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": runinfo.cpu_name(),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "threads": threads,
             "cpu_isa": _isa(), "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None}
